@@ -1,0 +1,4 @@
+//! sag's agent as a library: the modules behind the `sag-agent` binary.
+
+pub mod dataplane;
+pub mod testing;

@@ -1,0 +1,39 @@
+//! Map types and pure packet logic shared by sag's kernel programs and its agent.
+//!
+//! Everything here is `no_std` and free of kernel helpers, so that the same parsing and
+//! accounting code runs inside the XDP and TC programs and in host unit tests.
+#![no_std]
+
+pub mod counters;
+pub mod packet;
+
+/// Maximum number of client addresses the kernel maps hold on one box.
+///
+/// An instance has at most 1,000 accounts, so this leaves room for 16 full instances. The
+/// per-CPU counter map costs about 48 bytes per entry and CPU.
+pub const MAX_CLIENTS: u32 = 16_384;
+
+/// Maximum number of per-interface counter entries: 2 directions times
+/// [`counters::InterfaceKind::COUNT`] kinds, for up to 100 interfaces.
+pub const MAX_INTERFACE_COUNTERS: u32 = 1_024;
+
+/// Names of the maps in the eBPF object, which are also their file names under the pin directory.
+pub mod map_names {
+    /// Per-CPU hash map from client IPv4 address to [`crate::counters::ClientCounters`].
+    pub const CLIENT_COUNTERS: &str = "SAG_CLIENT_COUNTERS";
+    /// Per-CPU hash map from [`crate::counters::InterfaceKey`] to
+    /// [`crate::counters::PacketCounter`].
+    pub const INTERFACE_COUNTERS: &str = "SAG_INTERFACE_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// XDP program counting packets from clients on a layer-3 (TUN) device.
+    pub const RX_L3: &str = "sag_rx_l3";
+    /// XDP program counting packets from clients on an Ethernet device.
+    pub const RX_ETHERNET: &str = "sag_rx_ethernet";
+    /// TC egress classifier counting packets to clients on a layer-3 (TUN) device.
+    pub const TX_L3: &str = "sag_tx_l3";
+    /// TC egress classifier counting packets to clients on an Ethernet device.
+    pub const TX_ETHERNET: &str = "sag_tx_ethernet";
+}
