@@ -5,6 +5,7 @@
 //! directory reuses the pinned maps, so counters survive an agent restart.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, HashMap},
     fs,
     net::Ipv4Addr,
@@ -21,9 +22,9 @@ use aya::{
 };
 use sag_common::{
     counters::{ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter},
-    map_names, program_names,
+    map_names,
     packet::Framing,
-    MAX_CLIENTS, MAX_INTERFACE_COUNTERS,
+    program_names, MAX_CLIENTS, MAX_INTERFACE_COUNTERS,
 };
 use tracing::{debug, info};
 
@@ -39,29 +40,51 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Errors of the dataplane.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("failed to create the pin directory {path}: {source}")]
-    PinDirectory { path: PathBuf, source: std::io::Error },
-    #[error("failed to load the eBPF object: {0}")]
+    #[error("failed to create the pin directory {path}")]
+    PinDirectory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to load the eBPF object")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name} failed: {source}")]
-    Program { name: &'static str, source: ProgramError },
-    #[error("map {name} failed: {source}")]
-    Map { name: &'static str, source: MapError },
+    #[error("failed to {action} program {name}")]
+    Program {
+        action: &'static str,
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("failed to {action} program {name} on interface {interface}")]
+    Attach {
+        action: &'static str,
+        name: &'static str,
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("map {name} failed")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error(
         "pinned map {name} has {field} {found}, but this agent expects {expected}; \
          it was pinned by another version: remove it from the pin directory to start afresh"
     )]
-    IncompatiblePin { name: &'static str, field: &'static str, found: u32, expected: u32 },
+    IncompatiblePin {
+        name: &'static str,
+        field: &'static str,
+        found: u32,
+        expected: u32,
+    },
     #[error("interface {0} is already attached")]
     AlreadyAttached(String),
     #[error("interface {0} is not attached")]
     NotAttached(String),
     #[error("client {0} not found in the dataplane")]
     ClientNotFound(Ipv4Addr),
-    #[error("failed to count the possible CPUs: {0}")]
-    Cpus(std::io::Error),
+    #[error("failed to count the possible CPUs")]
+    Cpus(#[source] std::io::Error),
 }
 
 /// One of the kernel programs.
@@ -157,8 +180,14 @@ impl Dataplane {
         )?;
         for program in Program::ALL {
             let name = program.name();
-            let failed = |source| DataplaneError::Program { name, source };
-            let loaded = ebpf.program_mut(name).ok_or(failed(ProgramError::NotLoaded))?;
+            let failed = |source| DataplaneError::Program {
+                action: "load",
+                name,
+                source,
+            };
+            let loaded = ebpf
+                .program_mut(name)
+                .ok_or(failed(ProgramError::NotLoaded))?;
             if program.is_xdp() {
                 let xdp: &mut Xdp = loaded.try_into().map_err(failed)?;
                 xdp.load().map_err(failed)?;
@@ -169,7 +198,11 @@ impl Dataplane {
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| DataplaneError::Cpus(error))?;
         info!(pin_dir = ?pin_dir, cpus, "dataplane loaded");
-        Ok(Self { ebpf, attachments: HashMap::new(), cpus })
+        Ok(Self {
+            ebpf,
+            attachments: HashMap::new(),
+            cpus,
+        })
     }
 
     /// Attaches the rx program at XDP and the tx program at TC egress of `interface`, an
@@ -198,18 +231,22 @@ impl Dataplane {
                 }
                 Framing::L3 => Err(error),
             })
-            .map_err(|source| DataplaneError::Program { name: rx_program.name(), source })?;
+            .map_err(|source| attach_error("attach", rx_program, interface, source))?;
 
         let tx_program = Program::for_interface(Direction::Tx, framing);
-        let tx = match self.classifier_mut(tx_program)?.attach(interface, TcAttachType::Egress) {
+        let tx = match self
+            .classifier_mut(tx_program)?
+            .attach(interface, TcAttachType::Egress)
+        {
             Ok(tx) => tx,
             Err(source) => {
                 // Leave nothing half-attached.
                 let _ = self.xdp_mut(rx_program)?.detach(rx);
-                return Err(DataplaneError::Program { name: tx_program.name(), source });
+                return Err(attach_error("attach", tx_program, interface, source));
             }
         };
-        self.attachments.insert(interface.to_owned(), Attachment { framing, rx, tx });
+        self.attachments
+            .insert(interface.to_owned(), Attachment { framing, rx, tx });
         info!(interface, ?framing, "programs attached");
         Ok(())
     }
@@ -227,18 +264,21 @@ impl Dataplane {
         let tx_program = Program::for_interface(Direction::Tx, attachment.framing);
         self.xdp_mut(rx_program)?
             .detach(attachment.rx)
-            .map_err(|source| DataplaneError::Program { name: rx_program.name(), source })?;
+            .map_err(|source| attach_error("detach", rx_program, interface, source))?;
         self.classifier_mut(tx_program)?
             .detach(attachment.tx)
-            .map_err(|source| DataplaneError::Program { name: tx_program.name(), source })?;
+            .map_err(|source| attach_error("detach", tx_program, interface, source))?;
         info!(interface, "programs detached");
         Ok(())
     }
 
     /// Returns the attached interfaces and their framing, sorted by name.
     pub fn attached(&self) -> Vec<(String, Framing)> {
-        let mut attached: Vec<_> =
-            self.attachments.iter().map(|(name, a)| (name.clone(), a.framing)).collect();
+        let mut attached: Vec<_> = self
+            .attachments
+            .iter()
+            .map(|(name, a)| (name.clone(), a.framing))
+            .collect();
         attached.sort_by(|a, b| a.0.cmp(&b.0));
         attached
     }
@@ -251,7 +291,10 @@ impl Dataplane {
     pub fn add_client(&mut self, address: Ipv4Addr) -> Result<(), DataplaneError> {
         let cpus = self.cpus;
         let mut map = self.client_map_mut()?;
-        let failed = |source| DataplaneError::Map { name: map_names::CLIENT_COUNTERS, source };
+        let failed = |source| DataplaneError::Map {
+            name: map_names::CLIENT_COUNTERS,
+            source,
+        };
         match map.get(&u32::from(address), 0) {
             Ok(_) => return Ok(()),
             Err(MapError::KeyNotFound) => {}
@@ -280,7 +323,10 @@ impl Dataplane {
         match map.remove(&u32::from(address)) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
-                return Err(DataplaneError::Map { name: map_names::CLIENT_COUNTERS, source })
+                return Err(DataplaneError::Map {
+                    name: map_names::CLIENT_COUNTERS,
+                    source,
+                })
             }
         }
         debug!(ip = %address, "client removed");
@@ -296,20 +342,16 @@ impl Dataplane {
         match map.get(&u32::from(address), 0) {
             Ok(values) => Ok(sum_client(&values)),
             Err(MapError::KeyNotFound) => Err(DataplaneError::ClientNotFound(address)),
-            Err(source) => Err(DataplaneError::Map { name: map_names::CLIENT_COUNTERS, source }),
+            Err(source) => Err(DataplaneError::Map {
+                name: map_names::CLIENT_COUNTERS,
+                source,
+            }),
         }
     }
 
     /// Returns every client's counters, summed over CPUs, sorted by address.
     pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-        let map = self.client_map()?;
-        let mut clients = BTreeMap::new();
-        for entry in map.iter() {
-            let (key, values) = entry
-                .map_err(|source| DataplaneError::Map { name: map_names::CLIENT_COUNTERS, source })?;
-            clients.insert(Ipv4Addr::from(key), sum_client(&values));
-        }
-        Ok(clients)
+        read_clients(&self.client_map()?)
     }
 
     /// Returns the per-interface counters, summed over CPUs, sorted by interface, direction
@@ -322,19 +364,7 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingMap(name))?
             .try_into()
             .map_err(|source| DataplaneError::Map { name, source })?;
-        let mut counters = Vec::new();
-        for entry in map.iter() {
-            let (key, values) = entry.map_err(|source| DataplaneError::Map { name, source })?;
-            let (Some(kind), direction) = (InterfaceKind::from_u8(key.kind), key.direction) else {
-                continue;
-            };
-            let direction = if direction == Direction::Rx as u8 { Direction::Rx } else { Direction::Tx };
-            let mut counter = PacketCounter::default();
-            values.iter().for_each(|value| counter.merge(value));
-            counters.push(InterfaceCounter { ifindex: key.ifindex, direction, kind, counter });
-        }
-        counters.sort_by_key(|c| (c.ifindex, c.direction as u8, c.kind as u8));
-        Ok(counters)
+        read_interfaces(&map)
     }
 
     /// Runs `program` once on `frame` through `BPF_PROG_TEST_RUN` and returns its verdict and
@@ -358,8 +388,15 @@ impl Dataplane {
         repeat: u32,
     ) -> Result<(u32, u64), DataplaneError> {
         let name = program.name();
-        let failed = |source| DataplaneError::Program { name, source };
-        let loaded = self.ebpf.program(name).ok_or(failed(ProgramError::NotLoaded))?;
+        let failed = |source| DataplaneError::Program {
+            action: "test-run",
+            name,
+            source,
+        };
+        let loaded = self
+            .ebpf
+            .program(name)
+            .ok_or(failed(ProgramError::NotLoaded))?;
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
         options.repeat = repeat;
@@ -398,18 +435,132 @@ impl Dataplane {
         let name = program.name();
         self.ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::Program { name, source: ProgramError::NotLoaded })?
+            .ok_or(DataplaneError::Program {
+                action: "find",
+                name,
+                source: ProgramError::NotLoaded,
+            })?
             .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+            .map_err(|source| DataplaneError::Program {
+                action: "find",
+                name,
+                source,
+            })
     }
 
     fn classifier_mut(&mut self, program: Program) -> Result<&mut SchedClassifier, DataplaneError> {
         let name = program.name();
         self.ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::Program { name, source: ProgramError::NotLoaded })?
+            .ok_or(DataplaneError::Program {
+                action: "find",
+                name,
+                source: ProgramError::NotLoaded,
+            })?
             .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+            .map_err(|source| DataplaneError::Program {
+                action: "find",
+                name,
+                source,
+            })
+    }
+}
+
+/// The counter maps pinned under a directory, opened without loading the programs: for reading
+/// counters while another process owns the dataplane.
+pub struct PinnedCounters {
+    clients: PerCpuHashMap<MapData, u32, ClientCounters>,
+    interfaces: PerCpuHashMap<MapData, InterfaceKey, PacketCounter>,
+}
+
+impl PinnedCounters {
+    /// Opens the maps pinned under `pin_dir`.
+    ///
+    /// # Errors
+    /// Fails if a map is not pinned there or is not a counter map of this agent.
+    pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            clients: open_pinned(pin_dir, map_names::CLIENT_COUNTERS)?,
+            interfaces: open_pinned(pin_dir, map_names::INTERFACE_COUNTERS)?,
+        })
+    }
+
+    /// Returns every client's counters, summed over CPUs, sorted by address.
+    pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
+        read_clients(&self.clients)
+    }
+
+    /// Returns the per-interface counters, summed over CPUs.
+    pub fn interface_counters(&self) -> Result<Vec<InterfaceCounter>, DataplaneError> {
+        read_interfaces(&self.interfaces)
+    }
+}
+
+fn open_pinned<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<PerCpuHashMap<MapData, K, V>, DataplaneError> {
+    let failed = |source| DataplaneError::Map { name, source };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(failed)?;
+    Map::from_map_data(data)
+        .map_err(failed)?
+        .try_into()
+        .map_err(failed)
+}
+
+fn read_clients<T: Borrow<MapData>>(
+    map: &PerCpuHashMap<T, u32, ClientCounters>,
+) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
+    let mut clients = BTreeMap::new();
+    for entry in map.iter() {
+        let (key, values) = entry.map_err(|source| DataplaneError::Map {
+            name: map_names::CLIENT_COUNTERS,
+            source,
+        })?;
+        clients.insert(Ipv4Addr::from(key), sum_client(&values));
+    }
+    Ok(clients)
+}
+
+fn read_interfaces<T: Borrow<MapData>>(
+    map: &PerCpuHashMap<T, InterfaceKey, PacketCounter>,
+) -> Result<Vec<InterfaceCounter>, DataplaneError> {
+    let name = map_names::INTERFACE_COUNTERS;
+    let mut counters = Vec::new();
+    for entry in map.iter() {
+        let (key, values) = entry.map_err(|source| DataplaneError::Map { name, source })?;
+        let Some(kind) = InterfaceKind::from_u8(key.kind) else {
+            continue;
+        };
+        let direction = if key.direction == Direction::Rx as u8 {
+            Direction::Rx
+        } else {
+            Direction::Tx
+        };
+        let mut counter = PacketCounter::default();
+        values.iter().for_each(|value| counter.merge(value));
+        counters.push(InterfaceCounter {
+            ifindex: key.ifindex,
+            direction,
+            kind,
+            counter,
+        });
+    }
+    counters.sort_by_key(|c| (c.ifindex, c.direction as u8, c.kind as u8));
+    Ok(counters)
+}
+
+fn attach_error(
+    action: &'static str,
+    program: Program,
+    interface: &str,
+    source: ProgramError,
+) -> DataplaneError {
+    DataplaneError::Attach {
+        action,
+        name: program.name(),
+        interface: interface.to_owned(),
+        source,
     }
 }
 
@@ -421,12 +572,21 @@ fn sum_client(values: &PerCpuValues<ClientCounters>) -> ClientCounters {
 
 /// Checks that a map, possibly reused from a pin, has the key, value and size this agent
 /// was built with. The kernel does not check this when a pinned map is reused.
-fn check_layout<K, V>(ebpf: &Ebpf, name: &'static str, max_entries: u32) -> Result<(), DataplaneError> {
+fn check_layout<K, V>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    max_entries: u32,
+) -> Result<(), DataplaneError> {
     let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
     let Map::PerCpuHashMap(data) = map else {
-        return Err(DataplaneError::Map { name, source: MapError::InvalidMapType { map_type: 0 } });
+        return Err(DataplaneError::Map {
+            name,
+            source: MapError::InvalidMapType { map_type: 0 },
+        });
     };
-    let info = data.info().map_err(|source| DataplaneError::Map { name, source })?;
+    let info = data
+        .info()
+        .map_err(|source| DataplaneError::Map { name, source })?;
     let expected = [
         ("key size", info.key_size(), size_of::<K>() as u32),
         ("value size", info.value_size(), size_of::<V>() as u32),
@@ -434,7 +594,12 @@ fn check_layout<K, V>(ebpf: &Ebpf, name: &'static str, max_entries: u32) -> Resu
     ];
     for (field, found, expected) in expected {
         if found != expected {
-            return Err(DataplaneError::IncompatiblePin { name, field, found, expected });
+            return Err(DataplaneError::IncompatiblePin {
+                name,
+                field,
+                found,
+                expected,
+            });
         }
     }
     Ok(())

@@ -69,8 +69,13 @@ impl InterfaceKind {
     /// Number of kinds.
     pub const COUNT: usize = 5;
     /// All kinds, in key order.
-    pub const ALL: [Self; Self::COUNT] =
-        [Self::UnknownIpv4, Self::Ipv6, Self::Arp, Self::Other, Self::Malformed];
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::UnknownIpv4,
+        Self::Ipv6,
+        Self::Arp,
+        Self::Other,
+        Self::Malformed,
+    ];
 
     /// Returns the kind's name as it appears in the agent's output and metrics.
     pub const fn name(self) -> &'static str {
@@ -112,7 +117,12 @@ pub struct InterfaceKey {
 impl InterfaceKey {
     #[inline(always)]
     pub const fn new(ifindex: u32, direction: Direction, kind: InterfaceKind) -> Self {
-        Self { ifindex, direction: direction as u8, kind: kind as u8, padding: [0; 2] }
+        Self {
+            ifindex,
+            direction: direction as u8,
+            kind: kind as u8,
+            padding: [0; 2],
+        }
     }
 }
 
@@ -153,7 +163,10 @@ pub fn target(parsed: &Parsed, direction: Direction) -> Target {
                 Direction::Rx => header.source,
                 Direction::Tx => header.destination,
             };
-            Target::Client { address, bytes: u32::from(header.total_len) }
+            Target::Client {
+                address,
+                bytes: u32::from(header.total_len),
+            }
         }
         Parsed::Other { protocol, l3_len } => {
             let kind = match protocol {
@@ -161,9 +174,15 @@ pub fn target(parsed: &Parsed, direction: Direction) -> Target {
                 OtherProtocol::Arp => InterfaceKind::Arp,
                 OtherProtocol::Other => InterfaceKind::Other,
             };
-            Target::Interface { kind, bytes: l3_len }
+            Target::Interface {
+                kind,
+                bytes: l3_len,
+            }
         }
-        Parsed::Malformed { len, .. } => Target::Interface { kind: InterfaceKind::Malformed, bytes: len },
+        Parsed::Malformed { len, .. } => Target::Interface {
+            kind: InterfaceKind::Malformed,
+            bytes: len,
+        },
     }
 }
 
@@ -180,13 +199,20 @@ mod tests {
     use super::*;
     use crate::packet::{Ipv4Summary, Malformed};
 
-    const HEADER: Ipv4Summary = Ipv4Summary { source: 0x0a4d_0002, destination: 0xc612_0002, total_len: 1500 };
+    const HEADER: Ipv4Summary = Ipv4Summary {
+        source: 0x0a4d_0002,
+        destination: 0xc612_0002,
+        total_len: 1500,
+    };
 
     #[test]
     fn rx_goes_to_source_client() {
         assert_eq!(
             target(&Parsed::Ipv4(HEADER), Direction::Rx),
-            Target::Client { address: 0x0a4d_0002, bytes: 1500 }
+            Target::Client {
+                address: 0x0a4d_0002,
+                bytes: 1500
+            }
         );
     }
 
@@ -194,7 +220,10 @@ mod tests {
     fn tx_goes_to_destination_client() {
         assert_eq!(
             target(&Parsed::Ipv4(HEADER), Direction::Tx),
-            Target::Client { address: 0xc612_0002, bytes: 1500 }
+            Target::Client {
+                address: 0xc612_0002,
+                bytes: 1500
+            }
         );
     }
 
@@ -206,17 +235,29 @@ mod tests {
             (OtherProtocol::Other, InterfaceKind::Other),
         ];
         for (protocol, kind) in cases {
-            let parsed = Parsed::Other { protocol, l3_len: 40 };
-            assert_eq!(target(&parsed, Direction::Rx), Target::Interface { kind, bytes: 40 });
+            let parsed = Parsed::Other {
+                protocol,
+                l3_len: 40,
+            };
+            assert_eq!(
+                target(&parsed, Direction::Rx),
+                Target::Interface { kind, bytes: 40 }
+            );
         }
     }
 
     #[test]
     fn malformed_goes_to_interface() {
-        let parsed = Parsed::Malformed { reason: Malformed::TooShortForIp, len: 0 };
+        let parsed = Parsed::Malformed {
+            reason: Malformed::TooShortForIp,
+            len: 0,
+        };
         assert_eq!(
             target(&parsed, Direction::Tx),
-            Target::Interface { kind: InterfaceKind::Malformed, bytes: 0 }
+            Target::Interface {
+                kind: InterfaceKind::Malformed,
+                bytes: 0
+            }
         );
     }
 
@@ -231,7 +272,15 @@ mod tests {
         let mut total = ClientCounters::default();
         total.merge(&cpu0);
         total.merge(&cpu1);
-        assert_eq!(total, ClientCounters { rx_packets: 2, rx_bytes: 128, tx_packets: 2, tx_bytes: 1520 });
+        assert_eq!(
+            total,
+            ClientCounters {
+                rx_packets: 2,
+                rx_bytes: 128,
+                tx_packets: 2,
+                tx_bytes: 1520
+            }
+        );
     }
 
     #[test]

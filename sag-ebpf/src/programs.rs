@@ -7,7 +7,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use sag_common::{
-    counters::{target, ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter, Target},
+    counters::{
+        target, ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter, Target,
+    },
     packet::{parse_frame, Framing, PacketBytes},
     MAX_CLIENTS, MAX_INTERFACE_COUNTERS,
 };
@@ -73,7 +75,10 @@ fn account(ifindex: u32, direction: Direction, target: Target) {
         }
         Target::Interface { kind, bytes } => (kind, bytes),
     };
-    count_interface(InterfaceKey::new(ifindex, direction, kind), u64::from(bytes));
+    count_interface(
+        InterfaceKey::new(ifindex, direction, kind),
+        u64::from(bytes),
+    );
 }
 
 #[inline(always)]
@@ -89,7 +94,10 @@ fn count_interface(key: InterfaceKey, bytes: u64) {
     // The first packet of this key. If another CPU inserts it first, the insert fails and this
     // CPU's slot of the new entry is found on the second lookup.
     let first = PacketCounter { packets: 1, bytes };
-    if INTERFACE_COUNTERS.insert(key, first, u64::from(BPF_NOEXIST)).is_ok() {
+    if INTERFACE_COUNTERS
+        .insert(key, first, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
         return;
     }
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {

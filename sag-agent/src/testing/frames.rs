@@ -34,9 +34,13 @@ pub fn ipv4(
     options: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40, "IPv4 options must be 0-40 bytes, in words");
+    assert!(
+        options.len() % 4 == 0 && options.len() <= 40,
+        "IPv4 options must be 0-40 bytes, in words"
+    );
     let header_len = 20 + options.len();
-    let total_len = u16::try_from(header_len + payload.len()).expect("IPv4 packet over 65,535 bytes");
+    let total_len =
+        u16::try_from(header_len + payload.len()).expect("IPv4 packet over 65,535 bytes");
     let mut packet = Vec::with_capacity(usize::from(total_len));
     packet.push(0x40 | (header_len / 4) as u8);
     packet.push(0);
@@ -67,7 +71,13 @@ pub fn udp(source: (Ipv4Addr, u16), destination: (Ipv4Addr, u16), payload: &[u8]
 }
 
 /// Builds an ICMP echo request. Its IP size is 28 + `payload.len()` bytes.
-pub fn icmp_echo(source: Ipv4Addr, destination: Ipv4Addr, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+pub fn icmp_echo(
+    source: Ipv4Addr,
+    destination: Ipv4Addr,
+    id: u16,
+    seq: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut message = vec![8, 0, 0, 0];
     message.extend_from_slice(&id.to_be_bytes());
     message.extend_from_slice(&seq.to_be_bytes());
@@ -111,7 +121,11 @@ mod tests {
 
     #[test]
     fn built_header_checksums_to_zero() {
-        let packet = udp((Ipv4Addr::new(10, 0, 0, 1), 1), (Ipv4Addr::new(10, 0, 0, 2), 2), &[7; 5]);
+        let packet = udp(
+            (Ipv4Addr::new(10, 0, 0, 1), 1),
+            (Ipv4Addr::new(10, 0, 0, 2), 2),
+            &[7; 5],
+        );
         assert_eq!(packet.len(), 33);
         assert_eq!(internet_checksum(&packet[..20]), 0);
     }
@@ -119,9 +133,16 @@ mod tests {
     #[test]
     fn udp_sizes() {
         for payload in [1usize, 1472] {
-            let packet = udp((Ipv4Addr::LOCALHOST, 1), (Ipv4Addr::LOCALHOST, 2), &vec![0; payload]);
+            let packet = udp(
+                (Ipv4Addr::LOCALHOST, 1),
+                (Ipv4Addr::LOCALHOST, 2),
+                &vec![0; payload],
+            );
             assert_eq!(packet.len(), 28 + payload);
-            assert_eq!(u16::from_be_bytes([packet[2], packet[3]]) as usize, 28 + payload);
+            assert_eq!(
+                u16::from_be_bytes([packet[2], packet[3]]) as usize,
+                28 + payload
+            );
         }
     }
 

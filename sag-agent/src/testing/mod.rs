@@ -3,4 +3,5 @@
 
 pub mod frames;
 pub mod netns;
+pub mod topology;
 pub mod tun;

@@ -43,8 +43,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates a namespace named from `prefix` with loopback up, IPv6 off (so the kernel sends
-    /// no router or neighbour solicitations of its own) and IPv4 forwarding on.
+    /// Creates a namespace named from `prefix` with loopback up, IPv4 forwarding on, and the
+    /// kernel's own chatter off: IPv6 (router and neighbour solicitations) and ICMP redirects,
+    /// which a gateway otherwise sends to a client whose packet it routes back into the tunnel.
     pub fn new(prefix: &str) -> Result<Self> {
         let name = unique_name(prefix);
         run("ip", &["netns", "add", &name])?;
@@ -56,6 +57,8 @@ impl Netns {
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
         ] {
             netns.exec(&["sysctl", "-qw", setting])?;
         }
@@ -91,7 +94,10 @@ impl Netns {
                 .spawn(|| {
                     // SAFETY: setns changes only this thread's namespace, and the fd is valid.
                     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        bail!("setns into {path} failed: {}", std::io::Error::last_os_error());
+                        bail!(
+                            "setns into {path} failed: {}",
+                            std::io::Error::last_os_error()
+                        );
                     }
                     Ok(work())
                 })
@@ -104,7 +110,10 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(error) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("failed to delete network namespace {}: {error:#}", self.name);
+            eprintln!(
+                "failed to delete network namespace {}: {error:#}",
+                self.name
+            );
         }
     }
 }
@@ -114,8 +123,18 @@ pub fn veth_pair(left: (&Netns, &str), right: (&Netns, &str)) -> Result<()> {
     run(
         "ip",
         &[
-            "-n", left.0.name(), "link", "add", left.1, "type", "veth", "peer", "name", right.1,
-            "netns", right.0.name(),
+            "-n",
+            left.0.name(),
+            "link",
+            "add",
+            left.1,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            right.1,
+            "netns",
+            right.0.name(),
         ],
     )?;
     Ok(())
