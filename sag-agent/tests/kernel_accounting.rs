@@ -11,7 +11,10 @@ use sag_agent::{
     dataplane::{Dataplane, InterfaceCounter},
     testing::{
         frames::{icmp_echo, udp},
-        topology::{bind_udp, client_address, udp_echo, TunTopology, LAN_SERVER, TUNNEL_GATEWAY},
+        topology::{
+            bind_udp, client_address, ethernet_client_address, udp_echo, EthernetTopology,
+            TunTopology, LAN_SERVER, TUNNEL_GATEWAY,
+        },
     },
 };
 use sag_common::{
@@ -276,4 +279,76 @@ fn attach_to_missing_interface_fails() {
         .unwrap_err();
     assert!(error.to_string().contains("sag_rx_l3"), "{error}");
     assert!(dataplane.attached().is_empty());
+}
+
+/// Clients behind an Ethernet link send UDP datagrams to the server from their own sockets; the
+/// echoes come back to them. Every datagram crosses the gateway's client link once each way.
+/// With the VLAN, XDP sees the tag in the frame; at TC egress the kernel still keeps the tag
+/// outside the frame data, so the tx program sees an untagged frame there.
+fn ethernet_counts_exactly(vlan: bool) {
+    let topology = EthernetTopology::new(vlan, 3).unwrap();
+    let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
+    topology
+        .gateway
+        .enter(|| dataplane.attach(&topology.gateway_link, Framing::Ethernet))
+        .unwrap()
+        .unwrap();
+    let clients: Vec<Ipv4Addr> = (0..3).map(ethernet_client_address).collect();
+    for &client in &clients {
+        dataplane.add_client(client).unwrap();
+    }
+    let echo_socket = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, ECHO_PORT)).unwrap();
+    let total = clients.len() * PAYLOADS.len();
+    let echo = udp_echo(echo_socket, total, WAIT);
+    let mut ledger = Ledger::default();
+    for (index, &client) in clients.iter().enumerate() {
+        let socket = bind_udp(&topology.clients, SocketAddrV4::new(client, 0)).unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buffer = [0u8; 2048];
+        for turn in 0..PAYLOADS.len() {
+            let payload = vec![index as u8; PAYLOADS[(turn + index) % PAYLOADS.len()]];
+            socket
+                .send_to(&payload, SocketAddrV4::new(LAN_SERVER, ECHO_PORT))
+                .unwrap();
+            let (len, _) = socket.recv_from(&mut buffer).unwrap();
+            assert_eq!(len, payload.len());
+            ledger.record(client, Direction::Rx, 28 + payload.len());
+            ledger.record(client, Direction::Tx, 28 + payload.len());
+        }
+    }
+    assert_eq!(echo.join().unwrap(), total);
+
+    let counted = dataplane.clients().unwrap();
+    for client in &clients {
+        assert_eq!(counted[client], ledger.0[client], "counters of {client}");
+    }
+    // The kernels resolve each other's addresses with ARP, which is counted per interface.
+    let counters = dataplane.interface_counters().unwrap();
+    let arp = interface_counter(
+        &counters,
+        topology.gateway_ifindex,
+        Direction::Rx,
+        InterfaceKind::Arp,
+    );
+    assert!(
+        arp.packets >= 1,
+        "ARP from the clients counted: {counters:?}"
+    );
+    let unknown = interface_counter(
+        &counters,
+        topology.gateway_ifindex,
+        Direction::Rx,
+        InterfaceKind::UnknownIpv4,
+    );
+    assert_eq!(unknown, PacketCounter::default());
+}
+
+#[test]
+fn ethernet_untagged_counts_exactly() {
+    ethernet_counts_exactly(false);
+}
+
+#[test]
+fn ethernet_vlan_tagged_counts_exactly() {
+    ethernet_counts_exactly(true);
 }

@@ -5,3 +5,4 @@ pub mod frames;
 pub mod netns;
 pub mod topology;
 pub mod tun;
+pub mod vlan;

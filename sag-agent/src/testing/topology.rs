@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result};
 use super::{
     netns::{unique_name, veth_pair, Netns},
     tun::Tun,
+    vlan::VlanTagger,
 };
 
 /// Gateway address on the tunnel.
@@ -151,4 +152,99 @@ pub fn bind_udp(netns: &Netns, address: SocketAddrV4) -> Result<UdpSocket> {
     netns
         .enter(|| UdpSocket::bind(address))?
         .with_context(|| format!("failed to bind UDP {address} in {}", netns.name()))
+}
+
+/// Gateway address on the Ethernet client side.
+pub const ETHERNET_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+
+/// Returns the `n`th client address on the Ethernet client side, counting from 10.78.0.2.
+pub fn ethernet_client_address(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 78, 0, 2 + n)
+}
+
+/// A gateway whose clients sit behind an Ethernet link, untagged or in VLAN
+/// [`TEST_VLAN_ID`](super::vlan::TEST_VLAN_ID):
+///
+/// ```text
+///   clients namespace               gateway namespace                     lan namespace
+///   10.78.0.2.. on veth ── veth 10.78.0.1/24 │ veth 198.18.0.1/24 ── veth 198.18.0.2/24
+/// ```
+///
+/// With the VLAN, [`VlanTagger`] programs tag and untag at both ends of the client link, and
+/// VLAN transmit offload is off there, so each frame on the link carries the tag.
+pub struct EthernetTopology {
+    /// TC tagging programs of the client link, detached before the namespaces go.
+    _taggers: Vec<VlanTagger>,
+    pub clients: Netns,
+    pub gateway: Netns,
+    pub lan: Netns,
+    /// The gateway's interface toward the clients, where the programs attach.
+    pub gateway_link: String,
+    /// Index of `gateway_link` in the gateway namespace.
+    pub gateway_ifindex: u32,
+}
+
+impl EthernetTopology {
+    /// Builds the topology with `client_count` client addresses, with a VLAN tag on the client
+    /// link if `vlan` is true.
+    pub fn new(vlan: bool, client_count: u8) -> Result<Self> {
+        let clients = Netns::new("scl")?;
+        let gateway = Netns::new("sgw")?;
+        let lan = Netns::new("sln")?;
+
+        let gateway_lan = unique_name("gv");
+        let lan_veth = unique_name("lv");
+        veth_pair((&gateway, &gateway_lan), (&lan, &lan_veth))?;
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{LAN_GATEWAY}/24"),
+            "dev",
+            &gateway_lan,
+        ])?;
+        gateway.ip(&["link", "set", &gateway_lan, "up"])?;
+        lan.ip(&["addr", "add", &format!("{LAN_SERVER}/24"), "dev", &lan_veth])?;
+        lan.ip(&["link", "set", &lan_veth, "up"])?;
+        lan.ip(&["route", "add", "default", "via", &LAN_GATEWAY.to_string()])?;
+
+        let gateway_link = unique_name("ge");
+        let client_link = unique_name("ce");
+        veth_pair((&gateway, &gateway_link), (&clients, &client_link))?;
+        let mut taggers = Vec::new();
+        if vlan {
+            for (netns, link) in [(&gateway, &gateway_link), (&clients, &client_link)] {
+                netns.exec(&["ethtool", "-K", link, "txvlan", "off"])?;
+                taggers.push(netns.enter(|| VlanTagger::attach(link))??);
+            }
+        }
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{ETHERNET_GATEWAY}/24"),
+            "dev",
+            &gateway_link,
+        ])?;
+        gateway.ip(&["link", "set", &gateway_link, "up"])?;
+        for n in 0..client_count {
+            let address = format!("{}/24", ethernet_client_address(n));
+            clients.ip(&["addr", "add", &address, "dev", &client_link])?;
+        }
+        clients.ip(&["link", "set", &client_link, "up"])?;
+        clients.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &ETHERNET_GATEWAY.to_string(),
+        ])?;
+        let gateway_ifindex = gateway.enter(|| interface_index(&gateway_link))??;
+        Ok(Self {
+            _taggers: taggers,
+            clients,
+            gateway,
+            lan,
+            gateway_link,
+            gateway_ifindex,
+        })
+    }
 }
