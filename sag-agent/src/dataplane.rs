@@ -9,14 +9,17 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs,
     net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
     programs::{
-        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType,
-        TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, LinkError},
+        tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -26,7 +29,7 @@ use sag_common::{
     packet::Framing,
     program_names, MAX_CLIENTS, MAX_INTERFACE_COUNTERS,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// `bpf_map_update_elem` flag: create the entry only if it does not exist (uapi `linux/bpf.h`).
 const BPF_NOEXIST: u64 = 1;
@@ -46,24 +49,24 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
     #[error("failed to load the eBPF object")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("failed to {action} program {name}")]
     Program {
         action: &'static str,
         name: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("failed to {action} program {name} on interface {interface}")]
     Attach {
         action: &'static str,
         name: &'static str,
         interface: String,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
-    #[error("map {name} failed")]
+    #[error("failed to access map {name}")]
     Map {
         name: &'static str,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
@@ -171,7 +174,9 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|error| DataplaneError::Load(Box::new(error)))?;
         check_layout::<u32, ClientCounters>(&ebpf, map_names::CLIENT_COUNTERS, MAX_CLIENTS)?;
         check_layout::<InterfaceKey, PacketCounter>(
             &ebpf,
@@ -180,11 +185,7 @@ impl Dataplane {
         )?;
         for program in Program::ALL {
             let name = program.name();
-            let failed = |source| DataplaneError::Program {
-                action: "load",
-                name,
-                source,
-            };
+            let failed = program_error("load", name);
             let loaded = ebpf
                 .program_mut(name)
                 .ok_or(failed(ProgramError::NotLoaded))?;
@@ -262,12 +263,16 @@ impl Dataplane {
             .ok_or_else(|| DataplaneError::NotAttached(interface.to_owned()))?;
         let rx_program = Program::for_interface(Direction::Rx, attachment.framing);
         let tx_program = Program::for_interface(Direction::Tx, attachment.framing);
-        self.xdp_mut(rx_program)?
-            .detach(attachment.rx)
+        let rx_link = self
+            .xdp_mut(rx_program)?
+            .take_link(attachment.rx)
             .map_err(|source| attach_error("detach", rx_program, interface, source))?;
-        self.classifier_mut(tx_program)?
-            .detach(attachment.tx)
+        detach_now(interface, rx_link.try_into());
+        let tx_link = self
+            .classifier_mut(tx_program)?
+            .take_link(attachment.tx)
             .map_err(|source| attach_error("detach", tx_program, interface, source))?;
+        detach_now(interface, tx_link.try_into());
         info!(interface, "programs detached");
         Ok(())
     }
@@ -291,10 +296,7 @@ impl Dataplane {
     pub fn add_client(&mut self, address: Ipv4Addr) -> Result<(), DataplaneError> {
         let cpus = self.cpus;
         let mut map = self.client_map_mut()?;
-        let failed = |source| DataplaneError::Map {
-            name: map_names::CLIENT_COUNTERS,
-            source,
-        };
+        let failed = map_error(map_names::CLIENT_COUNTERS);
         match map.get(&u32::from(address), 0) {
             Ok(_) => return Ok(()),
             Err(MapError::KeyNotFound) => {}
@@ -322,12 +324,7 @@ impl Dataplane {
         let mut map = self.client_map_mut()?;
         match map.remove(&u32::from(address)) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(DataplaneError::Map {
-                    name: map_names::CLIENT_COUNTERS,
-                    source,
-                })
-            }
+            Err(source) => return Err(map_error(map_names::CLIENT_COUNTERS)(source)),
         }
         debug!(ip = %address, "client removed");
         Ok(last)
@@ -342,10 +339,7 @@ impl Dataplane {
         match map.get(&u32::from(address), 0) {
             Ok(values) => Ok(sum_client(&values)),
             Err(MapError::KeyNotFound) => Err(DataplaneError::ClientNotFound(address)),
-            Err(source) => Err(DataplaneError::Map {
-                name: map_names::CLIENT_COUNTERS,
-                source,
-            }),
+            Err(source) => Err(map_error(map_names::CLIENT_COUNTERS)(source)),
         }
     }
 
@@ -363,7 +357,7 @@ impl Dataplane {
             .map(name)
             .ok_or(DataplaneError::MissingMap(name))?
             .try_into()
-            .map_err(|source| DataplaneError::Map { name, source })?;
+            .map_err(map_error(name))?;
         read_interfaces(&map)
     }
 
@@ -388,11 +382,7 @@ impl Dataplane {
         repeat: u32,
     ) -> Result<(u32, u64), DataplaneError> {
         let name = program.name();
-        let failed = |source| DataplaneError::Program {
-            action: "test-run",
-            name,
-            source,
-        };
+        let failed = program_error("test-run", name);
         let loaded = self
             .ebpf
             .program(name)
@@ -417,7 +407,7 @@ impl Dataplane {
             .map(name)
             .ok_or(DataplaneError::MissingMap(name))?
             .try_into()
-            .map_err(|source| DataplaneError::Map { name, source })
+            .map_err(map_error(name))
     }
 
     fn client_map_mut(
@@ -428,41 +418,25 @@ impl Dataplane {
             .map_mut(name)
             .ok_or(DataplaneError::MissingMap(name))?
             .try_into()
-            .map_err(|source| DataplaneError::Map { name, source })
+            .map_err(map_error(name))
     }
 
     fn xdp_mut(&mut self, program: Program) -> Result<&mut Xdp, DataplaneError> {
         let name = program.name();
         self.ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::Program {
-                action: "find",
-                name,
-                source: ProgramError::NotLoaded,
-            })?
+            .ok_or_else(|| program_error("find", name)(ProgramError::NotLoaded))?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                action: "find",
-                name,
-                source,
-            })
+            .map_err(program_error("find", name))
     }
 
     fn classifier_mut(&mut self, program: Program) -> Result<&mut SchedClassifier, DataplaneError> {
         let name = program.name();
         self.ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::Program {
-                action: "find",
-                name,
-                source: ProgramError::NotLoaded,
-            })?
+            .ok_or_else(|| program_error("find", name)(ProgramError::NotLoaded))?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                action: "find",
-                name,
-                source,
-            })
+            .map_err(program_error("find", name))
     }
 }
 
@@ -500,7 +474,7 @@ fn open_pinned<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     name: &'static str,
 ) -> Result<PerCpuHashMap<MapData, K, V>, DataplaneError> {
-    let failed = |source| DataplaneError::Map { name, source };
+    let failed = map_error(name);
     let data = MapData::from_pin(pin_dir.join(name)).map_err(failed)?;
     Map::from_map_data(data)
         .map_err(failed)?
@@ -513,10 +487,7 @@ fn read_clients<T: Borrow<MapData>>(
 ) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
     let mut clients = BTreeMap::new();
     for entry in map.iter() {
-        let (key, values) = entry.map_err(|source| DataplaneError::Map {
-            name: map_names::CLIENT_COUNTERS,
-            source,
-        })?;
+        let (key, values) = entry.map_err(map_error(map_names::CLIENT_COUNTERS))?;
         clients.insert(Ipv4Addr::from(key), sum_client(&values));
     }
     Ok(clients)
@@ -528,7 +499,7 @@ fn read_interfaces<T: Borrow<MapData>>(
     let name = map_names::INTERFACE_COUNTERS;
     let mut counters = Vec::new();
     for entry in map.iter() {
-        let (key, values) = entry.map_err(|source| DataplaneError::Map { name, source })?;
+        let (key, values) = entry.map_err(map_error(name))?;
         let Some(kind) = InterfaceKind::from_u8(key.kind) else {
             continue;
         };
@@ -550,6 +521,99 @@ fn read_interfaces<T: Borrow<MapData>>(
     Ok(counters)
 }
 
+/// `bpf(2)` command numbers from uapi `linux/bpf.h`.
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Takes a link off its hook before returning.
+///
+/// Closing the last file descriptor of a bpf_link releases it from a kernel work queue, so the
+/// program can still run for a moment after the close. `BPF_LINK_DETACH` is synchronous. A
+/// link that is not a bpf_link (netlink-attached XDP on old kernels) was detached synchronously
+/// when the conversion dropped it.
+fn detach_now(interface: &str, link: Result<FdLink, LinkError>) {
+    let Ok(link) = link else {
+        return;
+    };
+    let result = link
+        .info()
+        .map_err(|error| std::io::Error::other(error.to_string()))
+        .and_then(|info| detach_link_by_id(info.id()));
+    if let Err(error) = result {
+        // Dropping the link below still detaches it, only not at once.
+        warn!(interface, %error, "BPF_LINK_DETACH failed, closing the link instead");
+    }
+}
+
+fn detach_link_by_id(id: u32) -> std::io::Result<()> {
+    // The leading fields of `union bpf_attr` for these two commands.
+    #[repr(C)]
+    struct GetFdById {
+        link_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+
+    let request = GetFdById {
+        link_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: the attribute struct is valid for the size passed, and the kernel accepts a
+    // shorter bpf_attr as long as the fields it reads are present.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            &request as *const GetFdById,
+            size_of::<GetFdById>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let request = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: as above.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &request as *const LinkDetach,
+            size_of::<LinkDetach>(),
+        )
+    };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError + Copy {
+    move |source| DataplaneError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn program_error(
+    action: &'static str,
+    name: &'static str,
+) -> impl Fn(ProgramError) -> DataplaneError + Copy {
+    move |source| DataplaneError::Program {
+        action,
+        name,
+        source: Box::new(source),
+    }
+}
+
 fn attach_error(
     action: &'static str,
     program: Program,
@@ -560,7 +624,7 @@ fn attach_error(
         action,
         name: program.name(),
         interface: interface.to_owned(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -579,14 +643,9 @@ fn check_layout<K, V>(
 ) -> Result<(), DataplaneError> {
     let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
     let Map::PerCpuHashMap(data) = map else {
-        return Err(DataplaneError::Map {
-            name,
-            source: MapError::InvalidMapType { map_type: 0 },
-        });
+        return Err(map_error(name)(MapError::InvalidMapType { map_type: 0 }));
     };
-    let info = data
-        .info()
-        .map_err(|source| DataplaneError::Map { name, source })?;
+    let info = data.info().map_err(map_error(name))?;
     let expected = [
         ("key size", info.key_size(), size_of::<K>() as u32),
         ("value size", info.value_size(), size_of::<V>() as u32),

@@ -247,6 +247,12 @@ fn detach_stops_counting() {
     assert_eq!(dataplane.client_counters(client).unwrap().rx_packets, 1);
 
     dataplane.detach(topology.tun_name()).unwrap();
+    let link = topology
+        .gateway
+        .ip(&["-d", "link", "show", topology.tun_name()])
+        .unwrap();
+    assert!(!link.contains("xdp"), "XDP still attached: {link}");
+    // No pause: the links are off their hooks when detach returns.
     topology.tun.send(&packet).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(dataplane.client_counters(client).unwrap().rx_packets, 1);

@@ -35,7 +35,7 @@ pub fn ipv4(
     payload: &[u8],
 ) -> Vec<u8> {
     assert!(
-        options.len() % 4 == 0 && options.len() <= 40,
+        options.len().is_multiple_of(4) && options.len() <= 40,
         "IPv4 options must be 0-40 bytes, in words"
     );
     let header_len = 20 + options.len();
