@@ -102,6 +102,7 @@ impl Agent {
                         rx_bytes: field("rx_bytes"),
                         tx_packets: field("tx_packets"),
                         tx_bytes: field("tx_bytes"),
+                        ..ClientCounters::default()
                     },
                 )
             })
@@ -155,6 +156,7 @@ fn counters(packets: u64, packet_bytes: u64) -> ClientCounters {
         rx_bytes: packets * packet_bytes,
         tx_packets: packets,
         tx_bytes: packets * packet_bytes,
+        ..ClientCounters::default()
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 use sag_agent::{
-    dataplane::{Dataplane, InterfaceCounter},
+    dataplane::{ClientSettings, Dataplane, InterfaceCounter},
     testing::{
         frames::{icmp_echo, udp},
         topology::{
@@ -125,7 +125,9 @@ fn tun_counts_three_clients_exactly() {
     let mut dataplane = load_attached(&topology, None);
     let clients = [client_address(0), client_address(1), client_address(2)];
     for client in clients {
-        dataplane.add_client(client).unwrap();
+        dataplane
+            .add_client(client, &ClientSettings::default())
+            .unwrap();
     }
     let mut ledger = Ledger::default();
 
@@ -171,7 +173,9 @@ fn tun_counts_unknown_and_ipv6_per_interface() {
     let topology = TunTopology::new().unwrap();
     let mut dataplane = load_attached(&topology, None);
     let client = client_address(0);
-    dataplane.add_client(client).unwrap();
+    dataplane
+        .add_client(client, &ClientSettings::default())
+        .unwrap();
 
     // A source that is not a client: counted as unknown in both directions.
     let stranger = Ipv4Addr::new(10, 77, 0, 99);
@@ -240,7 +244,9 @@ fn detach_stops_counting() {
     let topology = TunTopology::new().unwrap();
     let mut dataplane = load_attached(&topology, None);
     let client = client_address(0);
-    dataplane.add_client(client).unwrap();
+    dataplane
+        .add_client(client, &ClientSettings::default())
+        .unwrap();
     let packet = udp((client, 1), (LAN_SERVER, 9), &[0; 10]);
     topology.tun.send(&packet).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -301,7 +307,9 @@ fn ethernet_counts_exactly(vlan: bool) {
         .unwrap();
     let clients: Vec<Ipv4Addr> = (0..3).map(ethernet_client_address).collect();
     for &client in &clients {
-        dataplane.add_client(client).unwrap();
+        dataplane
+            .add_client(client, &ClientSettings::default())
+            .unwrap();
     }
     let echo_socket = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, ECHO_PORT)).unwrap();
     let total = clients.len() * PAYLOADS.len();

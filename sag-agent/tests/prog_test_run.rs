@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use sag_agent::{
-    dataplane::{Dataplane, InterfaceCounter, Program},
+    dataplane::{ClientSettings, Dataplane, InterfaceCounter, Program},
     testing::frames::{ethernet, ethernet_ipv4, ipv4, udp, PROTOCOL_UDP},
 };
 use sag_common::{
@@ -363,7 +363,9 @@ fn verifier_accepts_every_program() {
 #[test]
 fn crafted_frames_verdicts_and_counters() {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
-    dataplane.add_client(CLIENT).unwrap();
+    dataplane
+        .add_client(CLIENT, &ClientSettings::default())
+        .unwrap();
     let mut failures = Vec::new();
     for case in cases() {
         let clients_before = dataplane.client_counters(CLIENT).unwrap();
@@ -432,7 +434,9 @@ fn unknown_client_is_not_created() {
 #[test]
 fn removed_client_returns_final_counters() {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
-    dataplane.add_client(CLIENT).unwrap();
+    dataplane
+        .add_client(CLIENT, &ClientSettings::default())
+        .unwrap();
     dataplane
         .test_run(Program::RxL3, &client_to_server(72))
         .unwrap();
@@ -446,7 +450,8 @@ fn removed_client_returns_final_counters() {
             rx_packets: 1,
             rx_bytes: 100,
             tx_packets: 1,
-            tx_bytes: 30
+            tx_bytes: 30,
+            ..ClientCounters::default()
         }
     );
     assert!(dataplane.clients().unwrap().is_empty());
@@ -460,18 +465,24 @@ fn removed_client_returns_final_counters() {
 #[test]
 fn add_client_keeps_existing_counters() {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
-    dataplane.add_client(CLIENT).unwrap();
+    dataplane
+        .add_client(CLIENT, &ClientSettings::default())
+        .unwrap();
     dataplane
         .test_run(Program::RxL3, &client_to_server(72))
         .unwrap();
-    dataplane.add_client(CLIENT).unwrap();
+    dataplane
+        .add_client(CLIENT, &ClientSettings::default())
+        .unwrap();
     assert_eq!(dataplane.client_counters(CLIENT).unwrap().rx_bytes, 100);
 }
 
 #[test]
 fn repeated_runs_count_every_packet() {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
-    dataplane.add_client(CLIENT).unwrap();
+    dataplane
+        .add_client(CLIENT, &ClientSettings::default())
+        .unwrap();
     let (verdict, _) = dataplane
         .test_run_repeated(Program::RxL3, &client_to_server(100), 1_000)
         .unwrap();

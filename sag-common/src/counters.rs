@@ -1,7 +1,10 @@
 //! Counter keys and values in the kernel maps, and the rule that picks which counter a packet
 //! goes to.
 
-use crate::packet::{OtherProtocol, Parsed};
+use crate::{
+    packet::{OtherProtocol, Parsed},
+    policy::DropReason,
+};
 
 /// Direction of traffic, seen from the gateway.
 #[repr(u8)]
@@ -13,17 +16,64 @@ pub enum Direction {
     Tx = 1,
 }
 
-/// Packets and bytes a client sent and received. One value per CPU in the kernel map; the
-/// agent adds them up with [`ClientCounters::merge`].
+/// Packets and bytes a client sent and received, and those dropped. One value per CPU in the
+/// kernel map; the agent adds them up with [`ClientCounters::merge`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientCounters {
+    /// Packets from the client that passed.
     pub rx_packets: u64,
-    /// IPv4 total length of the packets, in bytes.
+    /// IPv4 total length of those packets, in bytes.
     pub rx_bytes: u64,
+    /// Packets to the client that passed.
     pub tx_packets: u64,
-    /// IPv4 total length of the packets, in bytes.
+    /// IPv4 total length of those packets, in bytes.
     pub tx_bytes: u64,
+    /// Packets from the client that were dropped, by reason.
+    pub rx_dropped: DropCounters,
+    /// Packets to the client that were dropped, by reason.
+    pub tx_dropped: DropCounters,
+}
+
+/// Dropped packets of one client and direction, by reason. A client's packets are never
+/// spoofed: a spoofed packet has no client and is counted per interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    pub rate_limit: PacketCounter,
+    pub blocked: PacketCounter,
+    pub not_allowed: PacketCounter,
+}
+
+impl DropCounters {
+    /// Returns the counter of `reason`, or `None` for [`DropReason::Spoofed`].
+    #[inline(always)]
+    pub fn get(&self, reason: DropReason) -> Option<&PacketCounter> {
+        match reason {
+            DropReason::RateLimit => Some(&self.rate_limit),
+            DropReason::Blocked => Some(&self.blocked),
+            DropReason::NotAllowed => Some(&self.not_allowed),
+            DropReason::Spoofed => None,
+        }
+    }
+
+    /// Returns the counter of `reason` to add to, or `None` for [`DropReason::Spoofed`].
+    #[inline(always)]
+    pub fn get_mut(&mut self, reason: DropReason) -> Option<&mut PacketCounter> {
+        match reason {
+            DropReason::RateLimit => Some(&mut self.rate_limit),
+            DropReason::Blocked => Some(&mut self.blocked),
+            DropReason::NotAllowed => Some(&mut self.not_allowed),
+            DropReason::Spoofed => None,
+        }
+    }
+
+    /// Adds another CPU's share to this one.
+    pub fn merge(&mut self, other: &Self) {
+        self.rate_limit.merge(&other.rate_limit);
+        self.blocked.merge(&other.blocked);
+        self.not_allowed.merge(&other.not_allowed);
+    }
 }
 
 impl ClientCounters {
@@ -42,12 +92,26 @@ impl ClientCounters {
         }
     }
 
+    /// Adds one dropped packet of `bytes` bytes in `direction`.
+    #[inline(always)]
+    pub fn record_drop(&mut self, direction: Direction, reason: DropReason, bytes: u64) {
+        let dropped = match direction {
+            Direction::Rx => &mut self.rx_dropped,
+            Direction::Tx => &mut self.tx_dropped,
+        };
+        if let Some(counter) = dropped.get_mut(reason) {
+            counter.add(bytes);
+        }
+    }
+
     /// Adds another set of counters, such as another CPU's share, to this one.
     pub fn merge(&mut self, other: &Self) {
         self.rx_packets += other.rx_packets;
         self.rx_bytes += other.rx_bytes;
         self.tx_packets += other.tx_packets;
         self.tx_bytes += other.tx_bytes;
+        self.rx_dropped.merge(&other.rx_dropped);
+        self.tx_dropped.merge(&other.tx_dropped);
     }
 }
 
@@ -63,11 +127,13 @@ pub enum InterfaceKind {
     Other = 3,
     /// Frames the parser rejected; see [`crate::packet::Malformed`].
     Malformed = 4,
+    /// IPv4 from a tunnel whose source is not a client of the tunnel's instance: dropped.
+    Spoofed = 5,
 }
 
 impl InterfaceKind {
     /// Number of kinds.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
     /// All kinds, in key order.
     pub const ALL: [Self; Self::COUNT] = [
         Self::UnknownIpv4,
@@ -75,6 +141,7 @@ impl InterfaceKind {
         Self::Arp,
         Self::Other,
         Self::Malformed,
+        Self::Spoofed,
     ];
 
     /// Returns the kind's name as it appears in the agent's output and metrics.
@@ -85,6 +152,7 @@ impl InterfaceKind {
             Self::Arp => "arp",
             Self::Other => "other",
             Self::Malformed => "malformed",
+            Self::Spoofed => "spoofed",
         }
     }
 
@@ -96,6 +164,7 @@ impl InterfaceKind {
             2 => Some(Self::Arp),
             3 => Some(Self::Other),
             4 => Some(Self::Malformed),
+            5 => Some(Self::Spoofed),
             _ => None,
         }
     }
@@ -135,6 +204,13 @@ pub struct PacketCounter {
 }
 
 impl PacketCounter {
+    /// Adds one packet of `bytes` bytes.
+    #[inline(always)]
+    pub fn add(&mut self, bytes: u64) {
+        self.packets += 1;
+        self.bytes += bytes;
+    }
+
     /// Adds another CPU's share to this one.
     pub fn merge(&mut self, other: &Self) {
         self.packets += other.packets;
@@ -192,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for super::ClientCounters {}
     unsafe impl aya::Pod for super::InterfaceKey {}
     unsafe impl aya::Pod for super::PacketCounter {}
+    unsafe impl aya::Pod for super::DropCounters {}
 }
 
 #[cfg(test)]
@@ -272,15 +349,45 @@ mod tests {
         let mut total = ClientCounters::default();
         total.merge(&cpu0);
         total.merge(&cpu1);
+        assert_eq!(total.rx_packets, 2);
+        assert_eq!(total.rx_bytes, 128);
+        assert_eq!(total.tx_packets, 2);
+        assert_eq!(total.tx_bytes, 1520);
+        assert_eq!(total.rx_dropped, DropCounters::default());
+    }
+
+    #[test]
+    fn record_drop_by_reason() {
+        let mut counters = ClientCounters::default();
+        counters.record_drop(Direction::Rx, DropReason::RateLimit, 100);
+        counters.record_drop(Direction::Rx, DropReason::RateLimit, 50);
+        counters.record_drop(Direction::Rx, DropReason::NotAllowed, 28);
+        counters.record_drop(Direction::Tx, DropReason::Blocked, 1500);
+        counters.record_drop(Direction::Tx, DropReason::Spoofed, 1500);
         assert_eq!(
-            total,
-            ClientCounters {
-                rx_packets: 2,
-                rx_bytes: 128,
-                tx_packets: 2,
-                tx_bytes: 1520
+            counters.rx_dropped.rate_limit,
+            PacketCounter {
+                packets: 2,
+                bytes: 150
             }
         );
+        assert_eq!(
+            counters.rx_dropped.not_allowed,
+            PacketCounter {
+                packets: 1,
+                bytes: 28
+            }
+        );
+        assert_eq!(counters.rx_dropped.blocked, PacketCounter::default());
+        assert_eq!(
+            counters.tx_dropped.blocked,
+            PacketCounter {
+                packets: 1,
+                bytes: 1500
+            }
+        );
+        assert_eq!(counters.tx_dropped.get(DropReason::Spoofed), None);
+        assert_eq!(counters.rx_packets + counters.tx_packets, 0);
     }
 
     #[test]

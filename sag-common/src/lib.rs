@@ -6,15 +6,22 @@
 
 pub mod counters;
 pub mod packet;
+pub mod policy;
 
 /// Maximum number of client addresses the kernel maps hold on one box.
 ///
 /// An instance has at most 1,000 accounts, so this leaves room for 16 full instances. The
-/// per-CPU counter map costs about 48 bytes per entry and CPU.
+/// per-CPU counter map costs about 140 bytes per entry and CPU.
 pub const MAX_CLIENTS: u32 = 16_384;
 
+/// Maximum number of instances and of tunnel interfaces the kernel maps hold.
+pub const MAX_INSTANCES: u32 = 1_024;
+
+/// Maximum number of allowed destination blocks, over all instances.
+pub const MAX_DESTINATIONS: u32 = 16_384;
+
 /// Maximum number of per-interface counter entries: 2 directions times
-/// [`counters::InterfaceKind::COUNT`] kinds, for up to 100 interfaces.
+/// [`counters::InterfaceKind::COUNT`] kinds, for up to 85 interfaces.
 pub const MAX_INTERFACE_COUNTERS: u32 = 1_024;
 
 /// Names of the maps in the eBPF object, which are also their file names under the pin directory.
@@ -24,6 +31,14 @@ pub mod map_names {
     /// Per-CPU hash map from [`crate::counters::InterfaceKey`] to
     /// [`crate::counters::PacketCounter`].
     pub const INTERFACE_COUNTERS: &str = "SAG_INTERFACE_COUNTERS";
+    /// Hash map from client IPv4 address to [`crate::policy::Client`].
+    pub const CLIENTS: &str = "SAG_CLIENTS";
+    /// Hash map from instance number to [`crate::policy::Instance`].
+    pub const INSTANCES: &str = "SAG_INSTANCES";
+    /// Hash map from tunnel ifindex to [`crate::policy::Tunnel`].
+    pub const TUNNELS: &str = "SAG_TUNNELS";
+    /// Longest-prefix-match trie of [`crate::policy::DestinationKey`], value unused.
+    pub const DESTINATIONS: &str = "SAG_DESTINATIONS";
 }
 
 /// Names of the programs in the eBPF object.

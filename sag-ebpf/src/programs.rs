@@ -1,17 +1,27 @@
 //! Program entry points, the maps they share, and packet access for the sag-common parser.
 
+use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, BPF_NOEXIST, TC_ACT_UNSPEC},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
-    maps::PerCpuHashMap,
+    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
     programs::{TcContext, XdpContext},
 };
 use sag_common::{
     counters::{
         target, ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter, Target,
     },
-    packet::{parse_frame, Framing, PacketBytes},
-    MAX_CLIENTS, MAX_INTERFACE_COUNTERS,
+    packet::{parse_frame, Framing, Ipv4Summary, PacketBytes, Parsed},
+    policy::{
+        admit, classify_source, destination_allowed, is_blocked, Client, Destination,
+        DestinationKey, DropReason, Instance, RateLimit, Source, Tunnel,
+    },
+    MAX_CLIENTS, MAX_DESTINATIONS, MAX_INSTANCES, MAX_INTERFACE_COUNTERS,
 };
 
 #[map(name = "SAG_CLIENT_COUNTERS")]
@@ -21,6 +31,22 @@ static CLIENT_COUNTERS: PerCpuHashMap<u32, ClientCounters> =
 #[map(name = "SAG_INTERFACE_COUNTERS")]
 static INTERFACE_COUNTERS: PerCpuHashMap<InterfaceKey, PacketCounter> =
     PerCpuHashMap::with_max_entries(MAX_INTERFACE_COUNTERS, 0);
+
+#[map(name = "SAG_CLIENTS")]
+static CLIENTS: HashMap<u32, Client> = HashMap::with_max_entries(MAX_CLIENTS, 0);
+
+#[map(name = "SAG_INSTANCES")]
+static INSTANCES: HashMap<u32, Instance> = HashMap::with_max_entries(MAX_INSTANCES, 0);
+
+#[map(name = "SAG_TUNNELS")]
+static TUNNELS: HashMap<u32, Tunnel> = HashMap::with_max_entries(MAX_INSTANCES, 0);
+
+#[map(name = "SAG_DESTINATIONS")]
+static DESTINATIONS: LpmTrie<DestinationKey, u8> = LpmTrie::with_max_entries(MAX_DESTINATIONS, 0);
+
+/// Compare-and-swap attempts on a shared token bucket before the packet is dropped. Each
+/// failure means another CPU took tokens from the same bucket in the meantime.
+const BUCKET_ATTEMPTS: u32 = 4;
 
 #[xdp]
 pub fn sag_rx_l3(ctx: XdpContext) -> u32 {
@@ -42,53 +68,211 @@ pub fn sag_tx_ethernet(ctx: TcContext) -> i32 {
     tx(&ctx, Framing::Ethernet)
 }
 
+/// What the programs do with a packet.
+enum Verdict {
+    Pass,
+    Drop,
+}
+
 #[inline(always)]
 fn rx(ctx: &XdpContext, framing: Framing) -> u32 {
-    let packet = XdpPacket(ctx);
-    let parsed = parse_frame(&packet, framing);
-    let ifindex = ctx.ingress_ifindex() as u32;
-    account(ifindex, Direction::Rx, target(&parsed, Direction::Rx));
-    XDP_PASS
+    let parsed = parse_frame(&XdpPacket(ctx), framing);
+    match enforce_rx(ctx.ingress_ifindex() as u32, &parsed) {
+        Verdict::Pass => XDP_PASS,
+        Verdict::Drop => XDP_DROP,
+    }
 }
 
 #[inline(always)]
 fn tx(ctx: &TcContext, framing: Framing) -> i32 {
-    let packet = TcPacket(ctx);
-    let parsed = parse_frame(&packet, framing);
+    let parsed = parse_frame(&TcPacket(ctx), framing);
+    // SAFETY: the context's socket buffer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    account(ifindex, Direction::Tx, target(&parsed, Direction::Tx));
-    // No verdict: the next program on the hook decides, and the packet passes if there is none.
-    TC_ACT_UNSPEC
+    match enforce_tx(ifindex, &parsed) {
+        // No verdict: the next program on the hook decides, and the packet passes if none.
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+/// Checks and counts a packet from the tunnel: its source must be a client of the tunnel's
+/// instance, neither it nor its instance blocked, its destination allowed, and its size within
+/// the client's rx bucket.
+#[inline(always)]
+fn enforce_rx(ifindex: u32, parsed: &Parsed) -> Verdict {
+    let header = match parsed {
+        Parsed::Ipv4(header) => *header,
+        _ => return count_other(ifindex, Direction::Rx, parsed),
+    };
+    let bytes = u64::from(header.total_len);
+    let tunnel_instance = TUNNELS
+        .get_ptr(ifindex)
+        .map(|tunnel| unsafe { (*tunnel).instance });
+    let client = CLIENTS.get_ptr_mut(header.source);
+    // SAFETY (here and below): map values stay valid for the program's run, and the agent
+    // replaces a client record whole rather than writing into it.
+    let client_instance = client.map(|client| unsafe { (*client).instance });
+    let client = match (classify_source(tunnel_instance, client_instance), client) {
+        (Source::Client, Some(client)) => client,
+        (Source::Spoofed, _) => {
+            count_interface(
+                InterfaceKey::new(ifindex, Direction::Rx, InterfaceKind::Spoofed),
+                bytes,
+            );
+            return Verdict::Drop;
+        }
+        _ => {
+            let key = InterfaceKey::new(ifindex, Direction::Rx, InterfaceKind::UnknownIpv4);
+            count_interface(key, bytes);
+            return Verdict::Pass;
+        }
+    };
+    let (instance, flags) = unsafe { ((*client).instance, (*client).flags) };
+    let instance_record = INSTANCES.get_ptr(instance);
+    let instance_flags = instance_record.map_or(0, |record| unsafe { (*record).flags });
+    if is_blocked(flags, instance_flags) {
+        return drop_client(header.source, Direction::Rx, DropReason::Blocked, bytes);
+    }
+    let destination = if instance_record.is_some() {
+        classify_destination(instance, &header)
+    } else {
+        Destination::Other
+    };
+    if !destination_allowed(instance_record.is_some(), instance_flags, destination) {
+        return drop_client(header.source, Direction::Rx, DropReason::NotAllowed, bytes);
+    }
+    let limit = unsafe { &(*client).rx };
+    if !take_tokens(unsafe { &mut (*client).rx_tat_ns }, limit, bytes) {
+        return drop_client(header.source, Direction::Rx, DropReason::RateLimit, bytes);
+    }
+    count_client(header.source, Direction::Rx, bytes);
+    Verdict::Pass
+}
+
+/// Checks and counts a packet leaving toward the tunnel: a client destination must not be
+/// blocked, and the packet must fit the client's tx bucket.
+#[inline(always)]
+fn enforce_tx(ifindex: u32, parsed: &Parsed) -> Verdict {
+    let header = match parsed {
+        Parsed::Ipv4(header) => *header,
+        _ => return count_other(ifindex, Direction::Tx, parsed),
+    };
+    let bytes = u64::from(header.total_len);
+    let Some(client) = CLIENTS.get_ptr_mut(header.destination) else {
+        count_interface(
+            InterfaceKey::new(ifindex, Direction::Tx, InterfaceKind::UnknownIpv4),
+            bytes,
+        );
+        return Verdict::Pass;
+    };
+    let (instance, flags) = unsafe { ((*client).instance, (*client).flags) };
+    let instance_flags = INSTANCES
+        .get_ptr(instance)
+        .map_or(0, |record| unsafe { (*record).flags });
+    if is_blocked(flags, instance_flags) {
+        return drop_client(
+            header.destination,
+            Direction::Tx,
+            DropReason::Blocked,
+            bytes,
+        );
+    }
+    let limit = unsafe { &(*client).tx };
+    if !take_tokens(unsafe { &mut (*client).tx_tat_ns }, limit, bytes) {
+        return drop_client(
+            header.destination,
+            Direction::Tx,
+            DropReason::RateLimit,
+            bytes,
+        );
+    }
+    count_client(header.destination, Direction::Tx, bytes);
+    Verdict::Pass
+}
+
+/// Classifies the destination of a packet from a client of `instance`.
+#[inline(always)]
+fn classify_destination(instance: u32, header: &Ipv4Summary) -> Destination {
+    if let Some(peer) = CLIENTS.get_ptr(header.destination) {
+        if unsafe { (*peer).instance } == instance {
+            return Destination::SameInstanceClient;
+        }
+    }
+    let key = Key::new(
+        DestinationKey::INSTANCE_BITS + 32,
+        DestinationKey::new(instance, header.destination),
+    );
+    if DESTINATIONS.get(key).is_some() {
+        Destination::Allowed
+    } else {
+        Destination::Other
+    }
+}
+
+/// Takes `bytes` worth of tokens from a bucket shared by all CPUs, or returns false if they
+/// are not there (or the bucket stayed contended for [`BUCKET_ATTEMPTS`] tries).
+#[inline(always)]
+fn take_tokens(tat_ns: *mut u64, limit: &RateLimit, bytes: u64) -> bool {
+    if limit.is_unlimited() {
+        return true;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    for _ in 0..BUCKET_ATTEMPTS {
+        // A plain 8-byte load is atomic on BPF; LLVM cannot select an atomic load instruction
+        // for cpu v3. The compare-and-swap below catches any value that changed meanwhile.
+        // SAFETY: `tat_ns` points into a map value, which is 8-byte aligned.
+        let current = unsafe { core::ptr::read_volatile(tat_ns) };
+        let Some(next) = admit(current, now, limit, bytes) else {
+            return false;
+        };
+        // SAFETY: as above.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                tat_ns, current, next,
+            )
+        };
+        if swapped {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
-fn account(ifindex: u32, direction: Direction, target: Target) {
-    let (kind, bytes) = match target {
-        Target::Client { address, bytes } => {
-            if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(address) {
-                // SAFETY: a per-CPU value is only touched by this CPU, and programs do not nest
-                // on one CPU for the same hook.
-                unsafe { (*counters).record(direction, u64::from(bytes)) };
-                return;
-            }
-            (InterfaceKind::UnknownIpv4, bytes)
-        }
-        Target::Interface { kind, bytes } => (kind, bytes),
-    };
-    count_interface(
-        InterfaceKey::new(ifindex, direction, kind),
-        u64::from(bytes),
-    );
+fn count_other(ifindex: u32, direction: Direction, parsed: &Parsed) -> Verdict {
+    if let Target::Interface { kind, bytes } = target(parsed, direction) {
+        count_interface(
+            InterfaceKey::new(ifindex, direction, kind),
+            u64::from(bytes),
+        );
+    }
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn count_client(address: u32, direction: Direction, bytes: u64) {
+    if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(address) {
+        // SAFETY: a per-CPU value is only touched by this CPU, and programs do not nest on one
+        // CPU for the same hook.
+        unsafe { (*counters).record(direction, bytes) };
+    }
+}
+
+#[inline(always)]
+fn drop_client(address: u32, direction: Direction, reason: DropReason, bytes: u64) -> Verdict {
+    if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(address) {
+        // SAFETY: as in `count_client`.
+        unsafe { (*counters).record_drop(direction, reason, bytes) };
+    }
+    Verdict::Drop
 }
 
 #[inline(always)]
 fn count_interface(key: InterfaceKey, bytes: u64) {
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {
-        // SAFETY: as in `account`, the value belongs to this CPU.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
+        // SAFETY: as in `count_client`.
+        unsafe { (*counter).add(bytes) };
         return;
     }
     // The first packet of this key. If another CPU inserts it first, the insert fails and this
@@ -102,10 +286,7 @@ fn count_interface(key: InterfaceKey, bytes: u64) {
     }
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {
         // SAFETY: as above.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes;
-        }
+        unsafe { (*counter).add(bytes) };
     }
 }
 

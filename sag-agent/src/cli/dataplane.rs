@@ -12,11 +12,14 @@ use clap::{Args, Subcommand, ValueEnum};
 use sag_common::{
     counters::{ClientCounters, Direction},
     packet::Framing,
+    policy::{RateLimit, MAX_BOX_BANDWIDTH_KBPS},
 };
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::dataplane::{Dataplane, InterfaceCounter, PinnedCounters, DEFAULT_PIN_DIR};
+use crate::dataplane::{
+    ClientSettings, Dataplane, InterfaceCounter, PinnedCounters, DEFAULT_PIN_DIR,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum DataplaneCommand {
@@ -58,6 +61,9 @@ pub struct WatchArgs {
     /// bpffs directory for the pinned maps; counters kept there survive a restart.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Limit each client to this rate in each direction, in kbit/s, with the default burst.
+    #[arg(long, value_name = "KBIT/S", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BOX_BANDWIDTH_KBPS)))]
+    rate_kbps: Option<u32>,
     /// Seconds between two prints.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     interval: f64,
@@ -110,8 +116,16 @@ fn watch(args: WatchArgs) -> Result<()> {
     }
     let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
     dataplane.attach(&args.tunnel, args.framing.into())?;
+    let limit = args
+        .rate_kbps
+        .map_or(RateLimit::UNLIMITED, RateLimit::with_default_burst);
+    let settings = ClientSettings {
+        rx: limit,
+        tx: limit,
+        ..ClientSettings::default()
+    };
     for client in &args.clients {
-        dataplane.add_client(*client)?;
+        dataplane.add_client(*client, &settings)?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -2,34 +2,42 @@
 //! reads and writes their maps.
 //!
 //! Maps can be pinned under a bpffs directory. A later [`Dataplane::load`] with the same
-//! directory reuses the pinned maps, so counters survive an agent restart.
+//! directory reuses the pinned maps, so counters and enforcement state survive an agent
+//! restart.
+
+mod clients;
+mod counters;
+mod links;
 
 use std::{
-    borrow::Borrow,
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fs,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{Map, MapError},
     programs::{
-        links::{FdLink, LinkError},
-        tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
-        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType,
+        TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use sag_common::{
-    counters::{ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter},
+    counters::{ClientCounters, Direction, InterfaceKey, PacketCounter},
     map_names,
     packet::Framing,
-    program_names, MAX_CLIENTS, MAX_INTERFACE_COUNTERS,
+    policy::{Client, DestinationKey, Instance, Tunnel},
+    program_names, MAX_CLIENTS, MAX_DESTINATIONS, MAX_INSTANCES, MAX_INTERFACE_COUNTERS,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
+
+use self::links::detach_now;
+pub use self::{
+    clients::{ClientSettings, InstanceSettings},
+    counters::{InterfaceCounter, PinnedCounters},
+};
 
 /// `bpf_map_update_elem` flag: create the entry only if it does not exist (uapi `linux/bpf.h`).
 const BPF_NOEXIST: u64 = 1;
@@ -70,6 +78,8 @@ pub enum DataplaneError {
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("map {0} has another type than this agent expects")]
+    UnexpectedMapType(&'static str),
     #[error(
         "pinned map {name} has {field} {found}, but this agent expects {expected}; \
          it was pinned by another version: remove it from the pin directory to start afresh"
@@ -86,6 +96,8 @@ pub enum DataplaneError {
     NotAttached(String),
     #[error("client {0} not found in the dataplane")]
     ClientNotFound(Ipv4Addr),
+    #[error("invalid instance number 0: kernel instance numbers start at 1")]
+    InvalidInstance,
     #[error("failed to count the possible CPUs")]
     Cpus(#[source] std::io::Error),
 }
@@ -128,15 +140,6 @@ impl Program {
     }
 }
 
-/// Per-interface counter of one direction and kind, summed over CPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InterfaceCounter {
-    pub ifindex: u32,
-    pub direction: Direction,
-    pub kind: InterfaceKind,
-    pub counter: PacketCounter,
-}
-
 struct Attachment {
     framing: Framing,
     rx: XdpLinkId,
@@ -164,9 +167,9 @@ impl Dataplane {
                     path: dir.to_owned(),
                     source,
                 })?;
-                [map_names::CLIENT_COUNTERS, map_names::INTERFACE_COUNTERS]
-                    .into_iter()
-                    .map(|name| (name, dir.join(name)))
+                MAP_LAYOUTS
+                    .iter()
+                    .map(|layout| (layout.name, dir.join(layout.name)))
                     .collect()
             }
             None => Vec::new(),
@@ -177,12 +180,9 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|error| DataplaneError::Load(Box::new(error)))?;
-        check_layout::<u32, ClientCounters>(&ebpf, map_names::CLIENT_COUNTERS, MAX_CLIENTS)?;
-        check_layout::<InterfaceKey, PacketCounter>(
-            &ebpf,
-            map_names::INTERFACE_COUNTERS,
-            MAX_INTERFACE_COUNTERS,
-        )?;
+        for layout in &MAP_LAYOUTS {
+            check_layout(&ebpf, layout)?;
+        }
         for program in Program::ALL {
             let name = program.name();
             let failed = program_error("load", name);
@@ -288,79 +288,6 @@ impl Dataplane {
         attached
     }
 
-    /// Starts counting traffic of `address`. Counters that already exist for it, such as
-    /// ones kept in a pinned map across a restart, are left as they are.
-    ///
-    /// # Errors
-    /// Fails if the map is full ([`MAX_CLIENTS`]) or the kernel refuses the update.
-    pub fn add_client(&mut self, address: Ipv4Addr) -> Result<(), DataplaneError> {
-        let cpus = self.cpus;
-        let mut map = self.client_map_mut()?;
-        let failed = map_error(map_names::CLIENT_COUNTERS);
-        match map.get(&u32::from(address), 0) {
-            Ok(_) => return Ok(()),
-            Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(failed(source)),
-        }
-        let zeros = PerCpuValues::try_from(vec![ClientCounters::default(); cpus])
-            .map_err(|error| failed(MapError::from(error)))?;
-        // NOEXIST: if another agent added the client meanwhile, its counters stay.
-        match map.insert(u32::from(address), zeros, BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(MapError::SyscallError(error))
-                if error.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => return Err(failed(source)),
-        }
-        debug!(ip = %address, "client added");
-        Ok(())
-    }
-
-    /// Stops counting `address` and returns its final counters.
-    ///
-    /// # Errors
-    /// Fails with [`DataplaneError::ClientNotFound`] if the address is not a client.
-    pub fn remove_client(&mut self, address: Ipv4Addr) -> Result<ClientCounters, DataplaneError> {
-        let last = self.client_counters(address)?;
-        let mut map = self.client_map_mut()?;
-        match map.remove(&u32::from(address)) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(map_error(map_names::CLIENT_COUNTERS)(source)),
-        }
-        debug!(ip = %address, "client removed");
-        Ok(last)
-    }
-
-    /// Returns the counters of `address`, summed over CPUs.
-    ///
-    /// # Errors
-    /// Fails with [`DataplaneError::ClientNotFound`] if the address is not a client.
-    pub fn client_counters(&self, address: Ipv4Addr) -> Result<ClientCounters, DataplaneError> {
-        let map = self.client_map()?;
-        match map.get(&u32::from(address), 0) {
-            Ok(values) => Ok(sum_client(&values)),
-            Err(MapError::KeyNotFound) => Err(DataplaneError::ClientNotFound(address)),
-            Err(source) => Err(map_error(map_names::CLIENT_COUNTERS)(source)),
-        }
-    }
-
-    /// Returns every client's counters, summed over CPUs, sorted by address.
-    pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-        read_clients(&self.client_map()?)
-    }
-
-    /// Returns the per-interface counters, summed over CPUs, sorted by interface, direction
-    /// and kind.
-    pub fn interface_counters(&self) -> Result<Vec<InterfaceCounter>, DataplaneError> {
-        let name = map_names::INTERFACE_COUNTERS;
-        let map: PerCpuHashMap<&MapData, InterfaceKey, PacketCounter> = self
-            .ebpf
-            .map(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(map_error(name))?;
-        read_interfaces(&map)
-    }
-
     /// Runs `program` once on `frame` through `BPF_PROG_TEST_RUN` and returns its verdict and
     /// run time in nanoseconds. The counters it touches are the live maps'.
     ///
@@ -401,24 +328,28 @@ impl Dataplane {
         Ok((result.return_value, result.duration.as_nanos() as u64))
     }
 
-    fn client_map(&self) -> Result<PerCpuHashMap<&MapData, u32, ClientCounters>, DataplaneError> {
-        let name = map_names::CLIENT_COUNTERS;
-        self.ebpf
+    /// Returns map `name` as the typed map `T`.
+    fn typed_map<'a, T>(&'a self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
             .map(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(map_error(name))
+            .ok_or(DataplaneError::MissingMap(name))?;
+        T::try_from(map).map_err(map_error(name))
     }
 
-    fn client_map_mut(
-        &mut self,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, ClientCounters>, DataplaneError> {
-        let name = map_names::CLIENT_COUNTERS;
-        self.ebpf
+    /// Returns map `name` as the typed map `T`, for writing.
+    fn typed_map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
             .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(map_error(name))
+            .ok_or(DataplaneError::MissingMap(name))?;
+        T::try_from(map).map_err(map_error(name))
     }
 
     fn xdp_mut(&mut self, program: Program) -> Result<&mut Xdp, DataplaneError> {
@@ -438,162 +369,6 @@ impl Dataplane {
             .try_into()
             .map_err(program_error("find", name))
     }
-}
-
-/// The counter maps pinned under a directory, opened without loading the programs: for reading
-/// counters while another process owns the dataplane.
-pub struct PinnedCounters {
-    clients: PerCpuHashMap<MapData, u32, ClientCounters>,
-    interfaces: PerCpuHashMap<MapData, InterfaceKey, PacketCounter>,
-}
-
-impl PinnedCounters {
-    /// Opens the maps pinned under `pin_dir`.
-    ///
-    /// # Errors
-    /// Fails if a map is not pinned there or is not a counter map of this agent.
-    pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
-        Ok(Self {
-            clients: open_pinned(pin_dir, map_names::CLIENT_COUNTERS)?,
-            interfaces: open_pinned(pin_dir, map_names::INTERFACE_COUNTERS)?,
-        })
-    }
-
-    /// Returns every client's counters, summed over CPUs, sorted by address.
-    pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-        read_clients(&self.clients)
-    }
-
-    /// Returns the per-interface counters, summed over CPUs.
-    pub fn interface_counters(&self) -> Result<Vec<InterfaceCounter>, DataplaneError> {
-        read_interfaces(&self.interfaces)
-    }
-}
-
-fn open_pinned<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &Path,
-    name: &'static str,
-) -> Result<PerCpuHashMap<MapData, K, V>, DataplaneError> {
-    let failed = map_error(name);
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(failed)?;
-    Map::from_map_data(data)
-        .map_err(failed)?
-        .try_into()
-        .map_err(failed)
-}
-
-fn read_clients<T: Borrow<MapData>>(
-    map: &PerCpuHashMap<T, u32, ClientCounters>,
-) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-    let mut clients = BTreeMap::new();
-    for entry in map.iter() {
-        let (key, values) = entry.map_err(map_error(map_names::CLIENT_COUNTERS))?;
-        clients.insert(Ipv4Addr::from(key), sum_client(&values));
-    }
-    Ok(clients)
-}
-
-fn read_interfaces<T: Borrow<MapData>>(
-    map: &PerCpuHashMap<T, InterfaceKey, PacketCounter>,
-) -> Result<Vec<InterfaceCounter>, DataplaneError> {
-    let name = map_names::INTERFACE_COUNTERS;
-    let mut counters = Vec::new();
-    for entry in map.iter() {
-        let (key, values) = entry.map_err(map_error(name))?;
-        let Some(kind) = InterfaceKind::from_u8(key.kind) else {
-            continue;
-        };
-        let direction = if key.direction == Direction::Rx as u8 {
-            Direction::Rx
-        } else {
-            Direction::Tx
-        };
-        let mut counter = PacketCounter::default();
-        values.iter().for_each(|value| counter.merge(value));
-        counters.push(InterfaceCounter {
-            ifindex: key.ifindex,
-            direction,
-            kind,
-            counter,
-        });
-    }
-    counters.sort_by_key(|c| (c.ifindex, c.direction as u8, c.kind as u8));
-    Ok(counters)
-}
-
-/// `bpf(2)` command numbers from uapi `linux/bpf.h`.
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-const BPF_LINK_DETACH: libc::c_long = 34;
-
-/// Takes a link off its hook before returning.
-///
-/// Closing the last file descriptor of a bpf_link releases it from a kernel work queue, so the
-/// program can still run for a moment after the close. `BPF_LINK_DETACH` is synchronous. A
-/// link that is not a bpf_link (netlink-attached XDP on old kernels) was detached synchronously
-/// when the conversion dropped it.
-fn detach_now(interface: &str, link: Result<FdLink, LinkError>) {
-    let Ok(link) = link else {
-        return;
-    };
-    let result = link
-        .info()
-        .map_err(|error| std::io::Error::other(error.to_string()))
-        .and_then(|info| detach_link_by_id(info.id()));
-    if let Err(error) = result {
-        // Dropping the link below still detaches it, only not at once.
-        warn!(interface, %error, "BPF_LINK_DETACH failed, closing the link instead");
-    }
-}
-
-fn detach_link_by_id(id: u32) -> std::io::Result<()> {
-    // The leading fields of `union bpf_attr` for these two commands.
-    #[repr(C)]
-    struct GetFdById {
-        link_id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    #[repr(C)]
-    struct LinkDetach {
-        link_fd: u32,
-    }
-
-    let request = GetFdById {
-        link_id: id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    // SAFETY: the attribute struct is valid for the size passed, and the kernel accepts a
-    // shorter bpf_attr as long as the fields it reads are present.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            &request as *const GetFdById,
-            size_of::<GetFdById>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let request = LinkDetach {
-        link_fd: fd.as_raw_fd() as u32,
-    };
-    // SAFETY: as above.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &request as *const LinkDetach,
-            size_of::<LinkDetach>(),
-        )
-    };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError + Copy {
@@ -628,30 +403,70 @@ fn attach_error(
     }
 }
 
-fn sum_client(values: &PerCpuValues<ClientCounters>) -> ClientCounters {
-    let mut total = ClientCounters::default();
-    values.iter().for_each(|value| total.merge(value));
-    total
+/// The shape of one map, as this build of the programs defines it.
+struct MapLayout {
+    name: &'static str,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
 }
+
+/// Every map of the object. All are pinned when the dataplane has a pin directory.
+const MAP_LAYOUTS: [MapLayout; 6] = [
+    MapLayout {
+        name: map_names::CLIENT_COUNTERS,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<ClientCounters>(),
+        max_entries: MAX_CLIENTS,
+    },
+    MapLayout {
+        name: map_names::INTERFACE_COUNTERS,
+        key_size: size_of::<InterfaceKey>(),
+        value_size: size_of::<PacketCounter>(),
+        max_entries: MAX_INTERFACE_COUNTERS,
+    },
+    MapLayout {
+        name: map_names::CLIENTS,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Client>(),
+        max_entries: MAX_CLIENTS,
+    },
+    MapLayout {
+        name: map_names::INSTANCES,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Instance>(),
+        max_entries: MAX_INSTANCES,
+    },
+    MapLayout {
+        name: map_names::TUNNELS,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Tunnel>(),
+        max_entries: MAX_INSTANCES,
+    },
+    MapLayout {
+        name: map_names::DESTINATIONS,
+        // An LPM trie key starts with its 4-byte prefix length.
+        key_size: size_of::<u32>() + size_of::<DestinationKey>(),
+        value_size: size_of::<u8>(),
+        max_entries: MAX_DESTINATIONS,
+    },
+];
 
 /// Checks that a map, possibly reused from a pin, has the key, value and size this agent
 /// was built with. The kernel does not check this when a pinned map is reused.
-fn check_layout<K, V>(
-    ebpf: &Ebpf,
-    name: &'static str,
-    max_entries: u32,
-) -> Result<(), DataplaneError> {
-    let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
-    let Map::PerCpuHashMap(data) = map else {
-        return Err(map_error(name)(MapError::InvalidMapType { map_type: 0 }));
+fn check_layout(ebpf: &Ebpf, layout: &MapLayout) -> Result<(), DataplaneError> {
+    let name = layout.name;
+    let data = match ebpf.map(name).ok_or(DataplaneError::MissingMap(name))? {
+        Map::PerCpuHashMap(data) | Map::HashMap(data) | Map::LpmTrie(data) => data,
+        _ => return Err(DataplaneError::UnexpectedMapType(name)),
     };
     let info = data.info().map_err(map_error(name))?;
-    let expected = [
-        ("key size", info.key_size(), size_of::<K>() as u32),
-        ("value size", info.value_size(), size_of::<V>() as u32),
-        ("max entries", info.max_entries(), max_entries),
+    let checks = [
+        ("key size", info.key_size(), layout.key_size as u32),
+        ("value size", info.value_size(), layout.value_size as u32),
+        ("max entries", info.max_entries(), layout.max_entries),
     ];
-    for (field, found, expected) in expected {
+    for (field, found, expected) in checks {
         if found != expected {
             return Err(DataplaneError::IncompatiblePin {
                 name,

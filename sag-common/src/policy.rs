@@ -1,0 +1,404 @@
+//! Enforcement: client, instance and tunnel records in the kernel maps, the token bucket
+//! maths, and the decisions the programs take on a packet.
+
+/// Smallest per-account bandwidth, in kbit/s.
+pub const MIN_BANDWIDTH_KBPS: u32 = 1;
+/// Largest per-account bandwidth without a box-wide override, in kbit/s.
+pub const MAX_ACCOUNT_BANDWIDTH_KBPS: u32 = 2_000;
+/// Highest per-account ceiling an admin may configure for the box: 10 Gbit/s, in kbit/s.
+pub const MAX_BOX_BANDWIDTH_KBPS: u32 = 10_000_000;
+/// MTU that the default burst is sized for, in bytes: the largest IPv4 packet on Ethernet.
+pub const BURST_MTU_BYTES: u64 = 1_500;
+/// Smallest burst, in bytes: a bucket smaller than one full packet would never pass it.
+pub const MIN_BURST_BYTES: u64 = BURST_MTU_BYTES;
+/// Time the default burst covers at the configured rate, in milliseconds.
+pub const DEFAULT_BURST_MS: u64 = 50;
+/// Picoseconds per second, the unit of [`RateLimit::picos_per_byte`].
+const PICOS_PER_SECOND: u64 = 1_000_000_000_000;
+
+/// Client flag: the account is disabled, so all its packets are dropped.
+pub const CLIENT_BLOCKED: u32 = 1;
+/// Instance flag: the instance is stopped or locked, so all its clients' packets are dropped.
+pub const INSTANCE_BLOCKED: u32 = 1;
+/// Instance flag: clients of the instance may reach each other.
+pub const INSTANCE_CLIENT_TO_CLIENT: u32 = 2;
+
+/// A token bucket, stored as the time it takes to send one byte and the depth as time.
+/// All zero means unlimited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Time one byte takes at the rate, in picoseconds; 0 means unlimited.
+    pub picos_per_byte: u64,
+    /// Bucket depth, as the time the burst takes at the rate, in nanoseconds.
+    pub burst_ns: u64,
+}
+
+impl RateLimit {
+    /// No limit.
+    pub const UNLIMITED: Self = Self {
+        picos_per_byte: 0,
+        burst_ns: 0,
+    };
+
+    /// Builds a limit of `rate_kbps` kbit/s with a bucket of `burst_bytes` bytes. A rate of 0
+    /// means unlimited.
+    pub const fn new(rate_kbps: u32, burst_bytes: u64) -> Self {
+        if rate_kbps == 0 {
+            return Self::UNLIMITED;
+        }
+        let bytes_per_second = rate_kbps as u64 * 1_000 / 8;
+        let picos_per_byte = PICOS_PER_SECOND / bytes_per_second;
+        Self {
+            picos_per_byte,
+            burst_ns: burst_bytes * picos_per_byte / 1_000,
+        }
+    }
+
+    /// Builds a limit of `rate_kbps` kbit/s with the default burst for that rate.
+    pub const fn with_default_burst(rate_kbps: u32) -> Self {
+        Self::new(rate_kbps, default_burst_bytes(rate_kbps))
+    }
+
+    /// Returns whether this is no limit at all.
+    #[inline(always)]
+    pub const fn is_unlimited(&self) -> bool {
+        self.picos_per_byte == 0
+    }
+
+    /// Returns the time `bytes` bytes take at the rate, in nanoseconds.
+    #[inline(always)]
+    pub const fn cost_ns(&self, bytes: u64) -> u64 {
+        bytes * self.picos_per_byte / 1_000
+    }
+}
+
+/// Returns the default bucket depth for a rate, in bytes: what the rate sends in
+/// [`DEFAULT_BURST_MS`], but at least two full packets, so that a TCP sender's back-to-back
+/// segments pass at low rates.
+pub const fn default_burst_bytes(rate_kbps: u32) -> u64 {
+    let at_rate = rate_kbps as u64 * 1_000 / 8 * DEFAULT_BURST_MS / 1_000;
+    let floor = 2 * BURST_MTU_BYTES;
+    if at_rate > floor {
+        at_rate
+    } else {
+        floor
+    }
+}
+
+/// Decides on one packet of `bytes` bytes arriving at `now_ns`, for a bucket whose
+/// theoretical arrival time (the time at which it would be full again) is `tat_ns`.
+///
+/// This is the generic cell rate algorithm, which is a token bucket kept as one timestamp, so
+/// that CPUs can share it with a single compare-and-swap. Returns the new arrival time if the
+/// packet fits in the bucket, or `None` if it must be dropped. A dropped packet takes no
+/// tokens.
+#[inline(always)]
+pub fn admit(tat_ns: u64, now_ns: u64, limit: &RateLimit, bytes: u64) -> Option<u64> {
+    let start = if tat_ns > now_ns { tat_ns } else { now_ns };
+    let next = start + limit.cost_ns(bytes);
+    if next - now_ns > limit.burst_ns {
+        return None;
+    }
+    Some(next)
+}
+
+/// A client address's record, written by the agent and read (the buckets also written) by
+/// the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Client {
+    /// Kernel number of the client's instance; 0 for a client of no instance, which no
+    /// destination policy applies to.
+    pub instance: u32,
+    /// [`CLIENT_BLOCKED`] or 0.
+    pub flags: u32,
+    /// Limit on traffic from the client.
+    pub rx: RateLimit,
+    /// Limit on traffic to the client.
+    pub tx: RateLimit,
+    /// Theoretical arrival time of the rx bucket, in `bpf_ktime_get_ns` nanoseconds.
+    pub rx_tat_ns: u64,
+    /// Theoretical arrival time of the tx bucket.
+    pub tx_tat_ns: u64,
+}
+
+/// An instance's record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Instance {
+    /// [`INSTANCE_BLOCKED`], [`INSTANCE_CLIENT_TO_CLIENT`], or both.
+    pub flags: u32,
+    /// Always zero.
+    pub padding: u32,
+}
+
+/// A tunnel interface's record, keyed by ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tunnel {
+    /// Kernel number of the instance whose clients use this tunnel.
+    pub instance: u32,
+}
+
+/// Key of the allowed-destinations trie: the instance number, then the IPv4 address, both in
+/// network byte order, with a prefix length of 32 plus the CIDR prefix, so that the lookup
+/// matches the instance exactly and the address by longest prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestinationKey {
+    pub instance: [u8; 4],
+    pub address: [u8; 4],
+}
+
+impl DestinationKey {
+    /// Bits of the key that the instance takes.
+    pub const INSTANCE_BITS: u32 = 32;
+
+    pub const fn new(instance: u32, address: u32) -> Self {
+        Self {
+            instance: instance.to_be_bytes(),
+            address: address.to_be_bytes(),
+        }
+    }
+}
+
+/// Why a packet was dropped.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Over the client's bandwidth.
+    RateLimit = 0,
+    /// The account is disabled, or the instance stopped or locked.
+    Blocked = 1,
+    /// The destination is not in the instance's allowed destinations.
+    NotAllowed = 2,
+    /// From a tunnel, with a source that is not a client of the tunnel's instance.
+    Spoofed = 3,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 4;
+    /// All reasons.
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::RateLimit,
+        Self::Blocked,
+        Self::NotAllowed,
+        Self::Spoofed,
+    ];
+
+    /// Returns the reason's name as it appears in the agent's output and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::RateLimit => "rate_limit",
+            Self::Blocked => "blocked",
+            Self::NotAllowed => "not_allowed",
+            Self::Spoofed => "spoofed",
+        }
+    }
+}
+
+/// Who a packet's source is, seen from the tunnel it arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A client of the tunnel's instance, or any client on a tunnel bound to no instance.
+    Client,
+    /// Not a client, on a tunnel bound to no instance: counted as unknown and passed.
+    Unknown,
+    /// Not a client of the tunnel's instance: dropped.
+    Spoofed,
+}
+
+/// Classifies a source address: `tunnel_instance` is the instance the tunnel is bound to, if
+/// any, and `client_instance` the instance of the client with that address, if there is one.
+#[inline(always)]
+pub fn classify_source(tunnel_instance: Option<u32>, client_instance: Option<u32>) -> Source {
+    match (tunnel_instance, client_instance) {
+        (None, Some(_)) => Source::Client,
+        (None, None) => Source::Unknown,
+        (Some(tunnel), Some(client)) if tunnel == client => Source::Client,
+        (Some(_), _) => Source::Spoofed,
+    }
+}
+
+/// What the destination of a client's packet is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Another client of the same instance.
+    SameInstanceClient,
+    /// Inside one of the instance's allowed destination blocks.
+    Allowed,
+    /// Anything else.
+    Other,
+}
+
+/// Returns whether a client of an instance with `instance_flags` may send to `destination`.
+/// `policy_applies` is false for a client of no instance, which may send anywhere.
+#[inline(always)]
+pub fn destination_allowed(
+    policy_applies: bool,
+    instance_flags: u32,
+    destination: Destination,
+) -> bool {
+    if !policy_applies {
+        return true;
+    }
+    match destination {
+        Destination::SameInstanceClient => instance_flags & INSTANCE_CLIENT_TO_CLIENT != 0,
+        Destination::Allowed => true,
+        Destination::Other => false,
+    }
+}
+
+/// Returns whether a client's packets are dropped as blocked.
+#[inline(always)]
+pub const fn is_blocked(client_flags: u32, instance_flags: u32) -> bool {
+    client_flags & CLIENT_BLOCKED != 0 || instance_flags & INSTANCE_BLOCKED != 0
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `repr(C)`, made only of integers and byte arrays, with no implicit
+    // padding.
+    unsafe impl aya::Pod for super::Client {}
+    unsafe impl aya::Pod for super::Instance {}
+    unsafe impl aya::Pod for super::Tunnel {}
+    unsafe impl aya::Pod for super::DestinationKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_of_64_kbps() {
+        // 8,000 bytes per second: 125 microseconds a byte.
+        let limit = RateLimit::new(64, 3_000);
+        assert_eq!(limit.picos_per_byte, 125_000_000);
+        assert_eq!(limit.burst_ns, 375_000_000);
+        assert_eq!(limit.cost_ns(1_500), 187_500_000);
+    }
+
+    #[test]
+    fn rate_edges() {
+        assert!(RateLimit::new(0, 3_000).is_unlimited());
+        // 1 kbit/s: 125 bytes a second, 8 ms a byte.
+        assert_eq!(
+            RateLimit::new(MIN_BANDWIDTH_KBPS, 1).picos_per_byte,
+            8_000_000_000
+        );
+        // 2,000 kbit/s: 250,000 bytes a second, 4 microseconds a byte.
+        assert_eq!(
+            RateLimit::new(MAX_ACCOUNT_BANDWIDTH_KBPS, 1).picos_per_byte,
+            4_000_000
+        );
+        // 10 Gbit/s: 800 picoseconds a byte; a 1,500-byte packet takes 1.2 microseconds.
+        let fastest = RateLimit::new(MAX_BOX_BANDWIDTH_KBPS, 1_500);
+        assert_eq!(fastest.picos_per_byte, 800);
+        assert_eq!(fastest.cost_ns(1_500), 1_200);
+        assert_eq!(fastest.burst_ns, 1_200);
+    }
+
+    #[test]
+    fn default_burst_edges() {
+        // Below 480 kbit/s, 50 ms of traffic is less than two full packets.
+        assert_eq!(default_burst_bytes(1), 3_000);
+        assert_eq!(default_burst_bytes(480), 3_000);
+        assert_eq!(default_burst_bytes(481), 3_006);
+        assert_eq!(default_burst_bytes(2_000), 12_500);
+        assert_eq!(default_burst_bytes(100_000), 625_000);
+        assert_eq!(default_burst_bytes(MAX_BOX_BANDWIDTH_KBPS), 62_500_000);
+    }
+
+    #[test]
+    fn admit_full_bucket_passes_burst_then_drops() {
+        // 8,000 bytes/s with a 3,000-byte bucket: two 1,500-byte packets pass at once.
+        let limit = RateLimit::new(64, 3_000);
+        let now = 1_000_000_000;
+        let tat = admit(0, now, &limit, 1_500).unwrap();
+        assert_eq!(tat, now + 187_500_000);
+        let tat = admit(tat, now, &limit, 1_500).unwrap();
+        assert_eq!(tat, now + 375_000_000);
+        assert_eq!(admit(tat, now, &limit, 1_500), None);
+        assert_eq!(admit(tat, now, &limit, 1), None);
+    }
+
+    #[test]
+    fn admit_refills_at_rate() {
+        let limit = RateLimit::new(64, 3_000);
+        let now = 1_000_000_000;
+        let full = now + 375_000_000;
+        // One byte's worth of time later, exactly one byte fits.
+        assert_eq!(admit(full, now + 125_000, &limit, 1), Some(full + 125_000));
+        assert_eq!(admit(full, now + 124_999, &limit, 1), None);
+        // After the whole burst time, the bucket is full again.
+        assert_eq!(admit(full, full, &limit, 3_000), Some(full + 375_000_000));
+        assert_eq!(admit(full, full, &limit, 3_001), None);
+    }
+
+    #[test]
+    fn admit_sustained_rate_is_exact() {
+        // Offer 1,000-byte packets at twice the rate for 10 simulated seconds.
+        let limit = RateLimit::new(64, 3_000);
+        let gap_ns = 62_500_000;
+        let mut tat = 0;
+        let mut passed = 0u64;
+        for n in 0..160u64 {
+            let now = 1_000_000_000 + n * gap_ns;
+            if let Some(next) = admit(tat, now, &limit, 1_000) {
+                tat = next;
+                passed += 1;
+            }
+        }
+        // The full bucket passes 3 packets at 0 s. Then one fits every 125 ms (1,000 bytes at
+        // 8,000 bytes/s), at 0.125 s to 9.875 s: 79 more.
+        assert_eq!(passed, 82);
+    }
+
+    #[test]
+    fn admit_oversized_packet_never_fits() {
+        let limit = RateLimit::new(64, 1_000);
+        assert_eq!(admit(0, 5_000_000_000, &limit, 1_001), None);
+        assert!(admit(0, 5_000_000_000, &limit, 1_000).is_some());
+    }
+
+    #[test]
+    fn source_classification() {
+        assert_eq!(classify_source(None, Some(3)), Source::Client);
+        assert_eq!(classify_source(None, None), Source::Unknown);
+        assert_eq!(classify_source(Some(3), Some(3)), Source::Client);
+        assert_eq!(classify_source(Some(3), Some(4)), Source::Spoofed);
+        assert_eq!(classify_source(Some(3), None), Source::Spoofed);
+    }
+
+    #[test]
+    fn destination_rules() {
+        assert!(destination_allowed(false, 0, Destination::Other));
+        assert!(destination_allowed(true, 0, Destination::Allowed));
+        assert!(!destination_allowed(true, 0, Destination::Other));
+        assert!(!destination_allowed(
+            true,
+            0,
+            Destination::SameInstanceClient
+        ));
+        assert!(destination_allowed(
+            true,
+            INSTANCE_CLIENT_TO_CLIENT,
+            Destination::SameInstanceClient
+        ));
+        assert!(!destination_allowed(
+            true,
+            INSTANCE_CLIENT_TO_CLIENT,
+            Destination::Other
+        ));
+    }
+
+    #[test]
+    fn blocked_by_client_or_instance() {
+        assert!(!is_blocked(0, 0));
+        assert!(is_blocked(CLIENT_BLOCKED, 0));
+        assert!(is_blocked(0, INSTANCE_BLOCKED));
+        assert!(!is_blocked(0, INSTANCE_CLIENT_TO_CLIENT));
+    }
+}
