@@ -276,7 +276,7 @@ fn attach_twice_is_rejected() {
         .unwrap_err();
     assert_eq!(
         error.to_string(),
-        format!("interface {} is already attached", topology.tun_name())
+        format!("interface {:?} is already attached", topology.tun_name())
     );
 }
 

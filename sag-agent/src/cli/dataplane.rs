@@ -10,9 +10,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use sag_common::{
-    counters::{ClientCounters, Direction},
+    counters::{ClientCounters, Direction, DropCounters},
     packet::Framing,
-    policy::{RateLimit, MAX_BOX_BANDWIDTH_KBPS},
+    policy::{DropReason, RateLimit, MAX_BOX_BANDWIDTH_KBPS},
 };
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
@@ -64,11 +64,16 @@ pub struct WatchArgs {
     /// Limit each client to this rate in each direction, in kbit/s, with the default burst.
     #[arg(long, value_name = "KBIT/S", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BOX_BANDWIDTH_KBPS)))]
     rate_kbps: Option<u32>,
-    /// Seconds between two prints.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    /// Seconds between two prints, from 0.05 to 3600.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     interval: f64,
     /// Stop after this many prints (the first comes at once); without it, run until interrupted.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Print one JSON object per line instead of tables.
     #[arg(long)]
@@ -112,6 +117,16 @@ fn watch(args: WatchArgs) -> Result<()> {
         bail!(
             "invalid --interval {}: must be between 0.05 and 3600 seconds",
             args.interval
+        );
+    }
+    // Checked before loading, so that a typo creates no pins.
+    let c_name = std::ffi::CString::new(args.tunnel.as_str())
+        .with_context(|| format!("invalid --tunnel {:?}: contains a NUL byte", args.tunnel))?;
+    // SAFETY: a valid NUL-terminated string.
+    if args.tunnel.is_empty() || unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        bail!(
+            "invalid --tunnel {:?}: no such interface in this network namespace",
+            args.tunnel
         );
     }
     let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
@@ -201,6 +216,26 @@ fn rates(
         .collect()
 }
 
+fn dropped_packets(drops: &DropCounters) -> u64 {
+    DropReason::ALL
+        .iter()
+        .filter_map(|reason| drops.get(*reason))
+        .map(|counter| counter.packets)
+        .sum()
+}
+
+fn drops_json(drops: &DropCounters) -> serde_json::Value {
+    let reasons: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+        .iter()
+        .filter_map(|reason| {
+            let counter = drops.get(*reason)?;
+            let value = json!({ "packets": counter.packets, "bytes": counter.bytes });
+            Some((reason.name().to_owned(), value))
+        })
+        .collect();
+    serde_json::Value::Object(reasons)
+}
+
 fn direction_name(direction: Direction) -> &'static str {
     match direction {
         Direction::Rx => "rx",
@@ -241,6 +276,8 @@ fn print_snapshot(snapshot: &Snapshot, rates: Option<&BTreeMap<Ipv4Addr, Rates>>
                     "tx_bytes": c.tx_bytes,
                     "rx_bits_per_second": r.map(|r| r.rx.round() as u64),
                     "tx_bits_per_second": r.map(|r| r.tx.round() as u64),
+                    "rx_dropped": drops_json(&c.rx_dropped),
+                    "tx_dropped": drops_json(&c.tx_dropped),
                 })
             })
             .collect();
@@ -264,8 +301,16 @@ fn print_snapshot(snapshot: &Snapshot, rates: Option<&BTreeMap<Ipv4Addr, Rates>>
         return;
     }
     println!(
-        "{:<15} {:>12} {:>14} {:>12} {:>12} {:>14} {:>12}",
-        "CLIENT", "RX PACKETS", "RX BYTES", "RX BIT/S", "TX PACKETS", "TX BYTES", "TX BIT/S"
+        "{:<15} {:>12} {:>14} {:>12} {:>10} {:>12} {:>14} {:>12} {:>10}",
+        "CLIENT",
+        "RX PACKETS",
+        "RX BYTES",
+        "RX BIT/S",
+        "RX DROPS",
+        "TX PACKETS",
+        "TX BYTES",
+        "TX BIT/S",
+        "TX DROPS"
     );
     for (address, c) in &snapshot.clients {
         let (rx, tx) = match rate(address) {
@@ -273,14 +318,16 @@ fn print_snapshot(snapshot: &Snapshot, rates: Option<&BTreeMap<Ipv4Addr, Rates>>
             None => ("-".to_owned(), "-".to_owned()),
         };
         println!(
-            "{:<15} {:>12} {:>14} {:>12} {:>12} {:>14} {:>12}",
+            "{:<15} {:>12} {:>14} {:>12} {:>10} {:>12} {:>14} {:>12} {:>10}",
             address.to_string(),
             c.rx_packets,
             c.rx_bytes,
             rx,
+            dropped_packets(&c.rx_dropped),
             c.tx_packets,
             c.tx_bytes,
-            tx
+            tx,
+            dropped_packets(&c.tx_dropped)
         );
     }
     if !snapshot.interfaces.is_empty() {

@@ -64,7 +64,7 @@ pub enum DataplaneError {
         name: &'static str,
         source: Box<ProgramError>,
     },
-    #[error("failed to {action} program {name} on interface {interface}")]
+    #[error("failed to {action} program {name} on interface {interface:?}")]
     Attach {
         action: &'static str,
         name: &'static str,
@@ -90,9 +90,9 @@ pub enum DataplaneError {
         found: u32,
         expected: u32,
     },
-    #[error("interface {0} is already attached")]
+    #[error("interface {0:?} is already attached")]
     AlreadyAttached(String),
-    #[error("interface {0} is not attached")]
+    #[error("interface {0:?} is not attached")]
     NotAttached(String),
     #[error("client {0} not found in the dataplane")]
     ClientNotFound(Ipv4Addr),
@@ -198,7 +198,7 @@ impl Dataplane {
             }
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| DataplaneError::Cpus(error))?;
-        info!(pin_dir = ?pin_dir, cpus, "dataplane loaded");
+        info!(pin_dir = %pin_dir.map_or("none".into(), Path::to_string_lossy), cpus, "dataplane loaded");
         Ok(Self {
             ebpf,
             attachments: HashMap::new(),

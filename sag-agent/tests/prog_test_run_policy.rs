@@ -1,0 +1,357 @@
+//! Runs the programs on crafted packets through BPF_PROG_TEST_RUN to check each enforcement
+//! rule: its verdict, the drop counter under its reason, and live updates. Needs root.
+//!
+//! A test run of an XDP program receives on the loopback device's queue, so it sees ingress
+//! ifindex 1, and the tunnel binding for these tests is made on ifindex 1.
+
+use std::net::Ipv4Addr;
+
+use sag_agent::{
+    dataplane::{ClientSettings, Dataplane, InstanceSettings, Program},
+    testing::frames::udp,
+};
+use sag_common::{
+    counters::{ClientCounters, Direction, InterfaceKind, PacketCounter},
+    policy::RateLimit,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_SHOT: u32 = 2;
+/// TC_ACT_UNSPEC (-1) as the kernel returns it.
+const TC_NEXT: u32 = u32::MAX;
+
+const INSTANCE: u32 = 5;
+const OTHER_INSTANCE: u32 = 6;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// The ingress ifindex of XDP test runs: loopback's.
+const TEST_RUN_IFINDEX: u32 = 1;
+
+fn packet(source: Ipv4Addr, destination: Ipv4Addr, payload: usize) -> Vec<u8> {
+    udp((source, 4000), (destination, 7), &vec![0x5a; payload])
+}
+
+/// A dataplane with `CLIENT` and `PEER` in `INSTANCE`, which allows 198.18.0.0/16, and the
+/// test tunnel bound to it.
+fn enforcing_dataplane() -> Dataplane {
+    let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
+    dataplane
+        .set_instance(INSTANCE, &InstanceSettings::default())
+        .unwrap();
+    dataplane
+        .set_instance(OTHER_INSTANCE, &InstanceSettings::default())
+        .unwrap();
+    dataplane
+        .allow_destination(INSTANCE, "198.18.0.0/16".parse().unwrap())
+        .unwrap();
+    dataplane
+        .allow_destination(OTHER_INSTANCE, "203.0.113.0/24".parse().unwrap())
+        .unwrap();
+    dataplane.bind_tunnel(TEST_RUN_IFINDEX, INSTANCE).unwrap();
+    let settings = ClientSettings {
+        instance: INSTANCE,
+        ..ClientSettings::default()
+    };
+    dataplane.add_client(CLIENT, &settings).unwrap();
+    dataplane.add_client(PEER, &settings).unwrap();
+    dataplane
+}
+
+fn run(dataplane: &Dataplane, program: Program, frame: &[u8]) -> u32 {
+    dataplane.test_run(program, frame).unwrap().0
+}
+
+fn counters(dataplane: &Dataplane, address: Ipv4Addr) -> ClientCounters {
+    dataplane.client_counters(address).unwrap()
+}
+
+#[test]
+fn allowed_destination_passes() {
+    let dataplane = enforcing_dataplane();
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 72)),
+        XDP_PASS
+    );
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(counted.rx_packets, 1);
+    assert_eq!(counted.rx_bytes, 100);
+    assert_eq!(counted.rx_dropped, Default::default());
+}
+
+#[test]
+fn not_allowed_destination_dropped() {
+    let dataplane = enforcing_dataplane();
+    // 203.0.113.0/24 is allowed for the other instance only.
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(CLIENT, OUTSIDE, 72)),
+        XDP_DROP
+    );
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(
+        counted.rx_dropped.not_allowed,
+        PacketCounter {
+            packets: 1,
+            bytes: 100
+        }
+    );
+    assert_eq!(counted.rx_packets, 0);
+}
+
+#[test]
+fn longest_prefix_decides() {
+    let mut dataplane = enforcing_dataplane();
+    let inside = Ipv4Addr::new(198, 18, 200, 1);
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(CLIENT, inside, 1)),
+        XDP_PASS
+    );
+    dataplane
+        .remove_destination(INSTANCE, "198.18.0.0/16".parse().unwrap())
+        .unwrap();
+    dataplane
+        .allow_destination(INSTANCE, "198.18.0.0/24".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(CLIENT, inside, 1)),
+        XDP_DROP
+    );
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)),
+        XDP_PASS
+    );
+}
+
+#[test]
+fn client_to_client_follows_instance_setting() {
+    let mut dataplane = enforcing_dataplane();
+    let to_peer = packet(CLIENT, PEER, 10);
+    assert_eq!(run(&dataplane, Program::RxL3, &to_peer), XDP_DROP);
+    let settings = InstanceSettings {
+        client_to_client: true,
+        ..InstanceSettings::default()
+    };
+    dataplane.set_instance(INSTANCE, &settings).unwrap();
+    assert_eq!(run(&dataplane, Program::RxL3, &to_peer), XDP_PASS);
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(counted.rx_dropped.not_allowed.packets, 1);
+    assert_eq!(counted.rx_packets, 1);
+}
+
+#[test]
+fn spoofed_source_dropped() {
+    let dataplane = enforcing_dataplane();
+    let stranger = Ipv4Addr::new(10, 77, 0, 99);
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(stranger, SERVER, 72)),
+        XDP_DROP
+    );
+    let spoofed = dataplane
+        .interface_counters()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.kind == InterfaceKind::Spoofed)
+        .expect("spoofed counter");
+    assert_eq!(
+        spoofed.counter,
+        PacketCounter {
+            packets: 1,
+            bytes: 100
+        }
+    );
+    assert_eq!(spoofed.direction, Direction::Rx);
+}
+
+#[test]
+fn client_of_other_instance_is_spoofed() {
+    let mut dataplane = enforcing_dataplane();
+    let foreign = Ipv4Addr::new(10, 88, 0, 2);
+    let settings = ClientSettings {
+        instance: OTHER_INSTANCE,
+        ..ClientSettings::default()
+    };
+    dataplane.add_client(foreign, &settings).unwrap();
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(foreign, OUTSIDE, 1)),
+        XDP_DROP
+    );
+    assert_eq!(counters(&dataplane, foreign), ClientCounters::default());
+}
+
+#[test]
+fn unbound_tunnel_passes_unknown() {
+    let mut dataplane = enforcing_dataplane();
+    dataplane.unbind_tunnel(TEST_RUN_IFINDEX).unwrap();
+    let stranger = Ipv4Addr::new(10, 77, 0, 99);
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(stranger, SERVER, 72)),
+        XDP_PASS
+    );
+    let counters = dataplane.interface_counters().unwrap();
+    assert_eq!(counters.len(), 1);
+    assert_eq!(counters[0].kind, InterfaceKind::UnknownIpv4);
+}
+
+#[test]
+fn blocked_client_dropped_both_ways() {
+    let mut dataplane = enforcing_dataplane();
+    let blocked = ClientSettings {
+        instance: INSTANCE,
+        blocked: true,
+        ..ClientSettings::default()
+    };
+    dataplane.update_client(CLIENT, &blocked).unwrap();
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 72)),
+        XDP_DROP
+    );
+    assert_eq!(
+        run(&dataplane, Program::TxL3, &packet(SERVER, CLIENT, 472)),
+        TC_ACT_SHOT
+    );
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(
+        counted.rx_dropped.blocked,
+        PacketCounter {
+            packets: 1,
+            bytes: 100
+        }
+    );
+    assert_eq!(
+        counted.tx_dropped.blocked,
+        PacketCounter {
+            packets: 1,
+            bytes: 500
+        }
+    );
+    assert_eq!(counted.rx_packets + counted.tx_packets, 0);
+    // The other client of the instance is not affected.
+    assert_eq!(
+        run(&dataplane, Program::TxL3, &packet(SERVER, PEER, 1)),
+        TC_NEXT
+    );
+}
+
+#[test]
+fn blocked_instance_drops_its_clients() {
+    let mut dataplane = enforcing_dataplane();
+    let stopped = InstanceSettings {
+        blocked: true,
+        ..InstanceSettings::default()
+    };
+    dataplane.set_instance(INSTANCE, &stopped).unwrap();
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(PEER, SERVER, 1)),
+        XDP_DROP
+    );
+    assert_eq!(
+        run(&dataplane, Program::TxL3, &packet(SERVER, CLIENT, 1)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(counters(&dataplane, PEER).rx_dropped.blocked.packets, 1);
+    assert_eq!(counters(&dataplane, CLIENT).tx_dropped.blocked.packets, 1);
+
+    // Renewal: unblocked from the next packet on, counters kept.
+    dataplane
+        .set_instance(INSTANCE, &InstanceSettings::default())
+        .unwrap();
+    assert_eq!(
+        run(&dataplane, Program::RxL3, &packet(PEER, SERVER, 1)),
+        XDP_PASS
+    );
+    let counted = counters(&dataplane, PEER);
+    assert_eq!(counted.rx_packets, 1);
+    assert_eq!(counted.rx_dropped.blocked.packets, 1);
+}
+
+#[test]
+fn rate_limit_passes_burst_exactly() {
+    let mut dataplane = enforcing_dataplane();
+    // 64 kbit/s refills 1,500 bytes in 187.5 ms; 1,000 runs take far less, so exactly the
+    // 3,000-byte burst passes: two 1,500-byte packets.
+    let limited = ClientSettings {
+        instance: INSTANCE,
+        rx: RateLimit::new(64, 3_000),
+        tx: RateLimit::new(64, 3_000),
+        ..ClientSettings::default()
+    };
+    dataplane.update_client(CLIENT, &limited).unwrap();
+    let full = packet(CLIENT, SERVER, 1_472);
+    let (verdict, _) = dataplane
+        .test_run_repeated(Program::RxL3, &full, 1_000)
+        .unwrap();
+    assert_eq!(verdict, XDP_DROP);
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(counted.rx_packets, 2);
+    assert_eq!(counted.rx_bytes, 3_000);
+    assert_eq!(
+        counted.rx_dropped.rate_limit,
+        PacketCounter {
+            packets: 998,
+            bytes: 1_497_000
+        }
+    );
+
+    let (verdict, _) = dataplane
+        .test_run_repeated(Program::TxL3, &packet(SERVER, CLIENT, 1_472), 10)
+        .unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(counted.tx_packets, 2);
+    assert_eq!(counted.tx_dropped.rate_limit.packets, 8);
+}
+
+#[test]
+fn rate_update_keeps_counters() {
+    let mut dataplane = enforcing_dataplane();
+    let limited = ClientSettings {
+        instance: INSTANCE,
+        rx: RateLimit::new(64, 3_000),
+        ..ClientSettings::default()
+    };
+    dataplane.update_client(CLIENT, &limited).unwrap();
+    let full = packet(CLIENT, SERVER, 1_472);
+    dataplane
+        .test_run_repeated(Program::RxL3, &full, 5)
+        .unwrap();
+    assert_eq!(counters(&dataplane, CLIENT).rx_packets, 2);
+
+    // Unlimited from the next packet on; the counters go on from where they were.
+    let unlimited = ClientSettings {
+        instance: INSTANCE,
+        ..ClientSettings::default()
+    };
+    dataplane.update_client(CLIENT, &unlimited).unwrap();
+    let (verdict, _) = dataplane
+        .test_run_repeated(Program::RxL3, &full, 5)
+        .unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    let counted = counters(&dataplane, CLIENT);
+    assert_eq!(counted.rx_packets, 7);
+    assert_eq!(counted.rx_dropped.rate_limit.packets, 3);
+    assert_eq!(dataplane.client_settings(CLIENT).unwrap(), unlimited);
+}
+
+#[test]
+fn update_of_unknown_client_fails() {
+    let mut dataplane = enforcing_dataplane();
+    let error = dataplane
+        .update_client(Ipv4Addr::new(10, 77, 0, 50), &ClientSettings::default())
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "client 10.77.0.50 not found in the dataplane"
+    );
+}
+
+#[test]
+fn instance_zero_is_rejected() {
+    let mut dataplane = enforcing_dataplane();
+    let error = dataplane
+        .set_instance(0, &InstanceSettings::default())
+        .unwrap_err();
+    assert!(error.to_string().contains("instance number 0"), "{error}");
+    assert!(dataplane.bind_tunnel(3, 0).is_err());
+}
