@@ -4,5 +4,6 @@
 pub mod frames;
 pub mod netns;
 pub mod topology;
+pub mod traffic;
 pub mod tun;
 pub mod vlan;

@@ -1,0 +1,132 @@
+//! Paced UDP traffic through a TUN tunnel and a receiver that timestamps what arrives, for
+//! rate-limit tests and benchmarks. Every sender stops after a fixed time.
+
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use super::{frames::udp, tun::Tun};
+
+/// Receive buffer of [`Receiver`] sockets, in bytes: room for a second of 100 Mbit/s, so that
+/// the socket never drops what the gateway delivered.
+const RECEIVE_BUFFER_BYTES: libc::c_int = 16 << 20;
+
+/// A UDP sink that records when each datagram arrived and its IP size.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<(Duration, usize)>>,
+}
+
+impl Receiver {
+    /// Starts receiving on `socket`; arrival times count from `start`.
+    pub fn start(socket: UdpSocket, start: Instant) -> Result<Self> {
+        let size = RECEIVE_BUFFER_BYTES;
+        // SAFETY: setsockopt with a valid socket and an int option. SO_RCVBUFFORCE passes
+        // rmem_max, which root may do.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut arrivals = Vec::new();
+            let mut buffer = [0u8; 2048];
+            loop {
+                match socket.recv(&mut buffer) {
+                    // The IP size: 20 bytes of IPv4 header and 8 of UDP header on top.
+                    Ok(len) => arrivals.push((start.elapsed(), len + 28)),
+                    Err(_) if stopping.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            arrivals
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops once the socket has been idle for 50 ms, and returns the arrivals.
+    pub fn finish(self) -> Vec<(Duration, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("receiver thread")
+    }
+}
+
+/// Returns the rate of the arrivals between `from` and `to`, in kbit/s.
+pub fn rate_kbps(arrivals: &[(Duration, usize)], from: Duration, to: Duration) -> f64 {
+    let bytes: usize = arrivals
+        .iter()
+        .filter(|(at, _)| *at >= from && *at < to)
+        .map(|(_, size)| size)
+        .sum();
+    bytes as f64 * 8.0 / (to - from).as_secs_f64() / 1_000.0
+}
+
+/// One client's paced flow through the tunnel.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    pub source: (Ipv4Addr, u16),
+    pub destination: (Ipv4Addr, u16),
+    /// UDP payload size; each packet is 28 bytes more.
+    pub payload: usize,
+    /// Offered rate, in kbit/s of IP bytes.
+    pub rate_kbps: f64,
+}
+
+impl Flow {
+    fn packet_interval(&self) -> Duration {
+        Duration::from_secs_f64((self.payload + 28) as f64 * 8.0 / (self.rate_kbps * 1_000.0))
+    }
+}
+
+/// Writes the flows into the tunnel at their rates for `duration`, from `start`, checking the
+/// clock every millisecond. `on_tick` runs once per tick with the elapsed time, for changes in
+/// mid-flow. Returns the number of packets each flow sent.
+pub fn send_paced(
+    tun: &Tun,
+    flows: &[Flow],
+    start: Instant,
+    duration: Duration,
+    mut on_tick: impl FnMut(Duration),
+) -> Result<Vec<u64>> {
+    let packets: Vec<Vec<u8>> = flows
+        .iter()
+        .map(|flow| udp(flow.source, flow.destination, &vec![0x33; flow.payload]))
+        .collect();
+    let intervals: Vec<f64> = flows
+        .iter()
+        .map(|f| f.packet_interval().as_secs_f64())
+        .collect();
+    let mut sent = vec![0u64; flows.len()];
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        on_tick(elapsed);
+        for (index, packet) in packets.iter().enumerate() {
+            let due = (elapsed.as_secs_f64() / intervals[index]) as u64 + 1;
+            while sent[index] < due {
+                tun.send(packet)?;
+                sent[index] += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(sent)
+}

@@ -1,0 +1,420 @@
+//! Kernel tests of enforcement on real traffic through a gateway namespace: rate limits with
+//! paced UDP and with TCP (iperf3), and the drop reasons. Needs root.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sag_agent::{
+    dataplane::{ClientSettings, Dataplane, InstanceSettings},
+    testing::{
+        frames::udp,
+        netns::Netns,
+        topology::{
+            bind_udp, client_address, ethernet_client_address, EthernetTopology, TunTopology,
+            LAN_SERVER,
+        },
+        traffic::{rate_kbps, send_paced, Flow, Receiver},
+    },
+};
+use sag_common::{
+    counters::{ClientCounters, InterfaceKind, PacketCounter},
+    packet::Framing,
+    policy::RateLimit,
+};
+use serde_json::Value;
+
+const INSTANCE: u32 = 1;
+const SINK_PORT: u16 = 9000;
+/// Arrivals before this are the bucket's initial burst, not the steady rate.
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Allowed deviation of a delivered rate from the configured one.
+const RATE_TOLERANCE: f64 = 0.05;
+
+/// Loads the programs, attaches them to the topology's tunnel, binds it to `INSTANCE`, and
+/// lets the instance reach the company network.
+fn enforcing(topology: &TunTopology) -> Dataplane {
+    let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
+    topology
+        .gateway
+        .enter(|| dataplane.attach(topology.tun_name(), Framing::L3))
+        .unwrap()
+        .unwrap();
+    dataplane
+        .set_instance(INSTANCE, &InstanceSettings::default())
+        .unwrap();
+    dataplane
+        .bind_tunnel(topology.tun_ifindex, INSTANCE)
+        .unwrap();
+    dataplane
+        .allow_destination(INSTANCE, "198.18.0.0/24".parse().unwrap())
+        .unwrap();
+    dataplane
+}
+
+fn limited(rate_kbps: u32) -> ClientSettings {
+    ClientSettings {
+        instance: INSTANCE,
+        rx: RateLimit::with_default_burst(rate_kbps),
+        tx: RateLimit::with_default_burst(rate_kbps),
+        ..ClientSettings::default()
+    }
+}
+
+fn assert_rate(name: &str, measured: f64, configured: f64) {
+    let ratio = measured / configured;
+    eprintln!("{name}: delivered {measured:.1} kbit/s of {configured} (ratio {ratio:.3})");
+    assert!(
+        (1.0 - RATE_TOLERANCE..=1.0 + RATE_TOLERANCE).contains(&ratio),
+        "{name}: delivered {measured:.1} kbit/s, configured {configured} kbit/s (ratio {ratio:.3})"
+    );
+}
+
+/// Sends UDP from one client at twice `rate` for `seconds` and checks the delivered rate and
+/// that the drop counter accounts for every packet not delivered.
+fn udp_at_twice_the_limit(rate: u32, payload: usize, seconds: u64) {
+    let topology = TunTopology::new().unwrap();
+    let mut dataplane = enforcing(&topology);
+    let client = client_address(0);
+    dataplane.add_client(client, &limited(rate)).unwrap();
+
+    let start = Instant::now();
+    let sink = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, SINK_PORT)).unwrap();
+    let receiver = Receiver::start(sink, start).unwrap();
+    let flow = Flow {
+        source: (client, 5000),
+        destination: (LAN_SERVER, SINK_PORT),
+        payload,
+        rate_kbps: f64::from(rate) * 2.0,
+    };
+    let duration = Duration::from_secs(seconds);
+    let sent = send_paced(&topology.tun, &[flow], start, duration, |_| {}).unwrap()[0];
+    let arrivals = receiver.finish();
+
+    let delivered = arrivals.len() as u64;
+    let measured = rate_kbps(&arrivals, WARM_UP, duration);
+    assert_rate(&format!("{rate} kbit/s"), measured, f64::from(rate));
+    let counters = dataplane.client_counters(client).unwrap();
+    let packet_bytes = (payload + 28) as u64;
+    assert_eq!(
+        counters.rx_packets, delivered,
+        "passed packets equal delivered packets"
+    );
+    assert_eq!(counters.rx_bytes, delivered * packet_bytes);
+    assert_eq!(
+        counters.rx_dropped.rate_limit,
+        PacketCounter {
+            packets: sent - delivered,
+            bytes: (sent - delivered) * packet_bytes
+        },
+        "drops equal sent minus delivered ({sent} sent)"
+    );
+    eprintln!(
+        "{rate} kbit/s: {sent} sent, {delivered} delivered, {} dropped",
+        sent - delivered
+    );
+    assert!(
+        sent - delivered > sent / 3,
+        "about half of {sent} dropped, not {}",
+        sent - delivered
+    );
+}
+
+#[test]
+fn udp_limit_64_kbps() {
+    udp_at_twice_the_limit(64, 172, 6);
+}
+
+#[test]
+fn udp_limit_512_kbps() {
+    udp_at_twice_the_limit(512, 472, 6);
+}
+
+#[test]
+fn udp_limit_2000_kbps() {
+    udp_at_twice_the_limit(2_000, 972, 6);
+}
+
+#[test]
+fn udp_limit_100_mbps() {
+    udp_at_twice_the_limit(100_000, 1_472, 6);
+}
+
+#[test]
+fn two_clients_limited_independently_and_live_change() {
+    let topology = TunTopology::new().unwrap();
+    let mut dataplane = enforcing(&topology);
+    let (slow, fast) = (client_address(0), client_address(1));
+    dataplane.add_client(slow, &limited(512)).unwrap();
+    dataplane.add_client(fast, &limited(2_000)).unwrap();
+
+    let start = Instant::now();
+    let slow_sink = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, SINK_PORT)).unwrap();
+    let fast_sink = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, SINK_PORT + 1)).unwrap();
+    let slow_receiver = Receiver::start(slow_sink, start).unwrap();
+    let fast_receiver = Receiver::start(fast_sink, start).unwrap();
+    // Both offered at 4,000 kbit/s: twice the highest rate either has.
+    let flows = [
+        Flow {
+            source: (slow, 5000),
+            destination: (LAN_SERVER, SINK_PORT),
+            payload: 472,
+            rate_kbps: 4_000.0,
+        },
+        Flow {
+            source: (fast, 5000),
+            destination: (LAN_SERVER, SINK_PORT + 1),
+            payload: 972,
+            rate_kbps: 4_000.0,
+        },
+    ];
+    let change_at = Duration::from_secs(4);
+    let mut changed = false;
+    let duration = Duration::from_secs(8);
+    send_paced(&topology.tun, &flows, start, duration, |elapsed| {
+        if !changed && elapsed >= change_at {
+            dataplane.update_client(slow, &limited(1_000)).unwrap();
+            changed = true;
+        }
+    })
+    .unwrap();
+    let slow_arrivals = slow_receiver.finish();
+    let fast_arrivals = fast_receiver.finish();
+
+    assert_rate(
+        "slow client before the change",
+        rate_kbps(&slow_arrivals, WARM_UP, change_at),
+        512.0,
+    );
+    // The new rate holds from at most 1 s after the change.
+    let settled = change_at + Duration::from_secs(1);
+    assert_rate(
+        "slow client after the change",
+        rate_kbps(&slow_arrivals, settled, duration),
+        1_000.0,
+    );
+    assert_rate(
+        "fast client",
+        rate_kbps(&fast_arrivals, WARM_UP, duration),
+        2_000.0,
+    );
+}
+
+/// Sends `count` UDP packets from `source` to the sink and returns how many arrived.
+fn send_and_count(
+    topology: &TunTopology,
+    source: Ipv4Addr,
+    destination: Ipv4Addr,
+    count: usize,
+) -> usize {
+    let sink_address = SocketAddrV4::new(destination, SINK_PORT);
+    let start = Instant::now();
+    let receiver = if destination == LAN_SERVER {
+        Some(Receiver::start(bind_udp(&topology.lan, sink_address).unwrap(), start).unwrap())
+    } else {
+        None
+    };
+    for _ in 0..count {
+        topology
+            .tun
+            .send(&udp((source, 6000), (destination, SINK_PORT), &[0; 72]))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    receiver.map_or(0, |receiver| receiver.finish().len())
+}
+
+#[test]
+fn drop_reasons_in_namespaces() {
+    let topology = TunTopology::new().unwrap();
+    let mut dataplane = enforcing(&topology);
+    let (client, disabled) = (client_address(0), client_address(1));
+    let settings = ClientSettings {
+        instance: INSTANCE,
+        ..ClientSettings::default()
+    };
+    dataplane.add_client(client, &settings).unwrap();
+    dataplane
+        .add_client(
+            disabled,
+            &ClientSettings {
+                blocked: true,
+                ..settings
+            },
+        )
+        .unwrap();
+
+    // Allowed traffic arrives.
+    assert_eq!(send_and_count(&topology, client, LAN_SERVER, 5), 5);
+    // A disabled account: blocked.
+    assert_eq!(send_and_count(&topology, disabled, LAN_SERVER, 4), 0);
+    // A source that is no client of the tunnel's instance: spoofed.
+    assert_eq!(
+        send_and_count(&topology, Ipv4Addr::new(10, 77, 0, 200), LAN_SERVER, 3),
+        0
+    );
+    // A destination outside the allowed blocks. The lan namespace owns 198.18.1.2 too, so a
+    // packet that got through would be delivered.
+    topology
+        .lan
+        .ip(&["addr", "add", "198.18.1.2/32", "dev", "lo"])
+        .unwrap();
+    let outside = Ipv4Addr::new(198, 18, 1, 2);
+    let receiver = Receiver::start(
+        bind_udp(&topology.lan, SocketAddrV4::new(outside, SINK_PORT)).unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    send_and_count(&topology, client, outside, 2);
+    assert_eq!(
+        receiver.finish().len(),
+        0,
+        "not-allowed packets never arrive"
+    );
+    // The whole instance stopped: blocked, then restored.
+    let stopped = InstanceSettings {
+        blocked: true,
+        ..InstanceSettings::default()
+    };
+    dataplane.set_instance(INSTANCE, &stopped).unwrap();
+    assert_eq!(send_and_count(&topology, client, LAN_SERVER, 6), 0);
+    dataplane
+        .set_instance(INSTANCE, &InstanceSettings::default())
+        .unwrap();
+    assert_eq!(send_and_count(&topology, client, LAN_SERVER, 1), 1);
+
+    let bytes = 100;
+    let counted = dataplane.client_counters(client).unwrap();
+    assert_eq!(counted.rx_packets, 6);
+    assert_eq!(
+        counted.rx_dropped.not_allowed,
+        PacketCounter {
+            packets: 2,
+            bytes: 2 * bytes
+        }
+    );
+    assert_eq!(
+        counted.rx_dropped.blocked,
+        PacketCounter {
+            packets: 6,
+            bytes: 6 * bytes
+        }
+    );
+    let counted = dataplane.client_counters(disabled).unwrap();
+    assert_eq!(
+        counted.rx_dropped.blocked,
+        PacketCounter {
+            packets: 4,
+            bytes: 4 * bytes
+        }
+    );
+    assert_eq!(counted.rx_packets, 0);
+    let spoofed = dataplane
+        .interface_counters()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.ifindex == topology.tun_ifindex && c.kind == InterfaceKind::Spoofed)
+        .expect("spoofed counter");
+    assert_eq!(
+        spoofed.counter,
+        PacketCounter {
+            packets: 3,
+            bytes: 3 * bytes
+        }
+    );
+}
+
+/// Starts a one-shot iperf3 server in `netns` on `port`; it exits after one test.
+fn iperf3_server(netns: &Netns, port: u16) -> Child {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns.name(),
+            "iperf3",
+            "--server",
+            "--one-off",
+        ])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            &LAN_SERVER.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 starts")
+}
+
+/// Runs a 6-second TCP test from a client behind an Ethernet link limited to `rate` kbit/s
+/// each way, and returns the goodput the server received, in kbit/s.
+fn tcp_goodput(rate: u32, port: u16) -> f64 {
+    let topology = EthernetTopology::new(false, 1).unwrap();
+    let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
+    topology
+        .gateway
+        .enter(|| dataplane.attach(&topology.gateway_link, Framing::Ethernet))
+        .unwrap()
+        .unwrap();
+    let client = ethernet_client_address(0);
+    let settings = ClientSettings {
+        instance: 0,
+        ..limited(rate)
+    };
+    dataplane.add_client(client, &settings).unwrap();
+
+    let mut server = iperf3_server(&topology.lan, port);
+    std::thread::sleep(Duration::from_millis(300));
+    let output = topology
+        .clients
+        .exec(&[
+            "timeout",
+            "30",
+            "iperf3",
+            "--client",
+            &LAN_SERVER.to_string(),
+            "--port",
+            &port.to_string(),
+            "--bind",
+            &client.to_string(),
+            "--time",
+            "6",
+            "--omit",
+            "1",
+            "--json",
+        ])
+        .unwrap();
+    let _ = server.wait();
+    let report: Value = serde_json::from_str(&output).unwrap();
+    let goodput = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1_000.0;
+    let counters: ClientCounters = dataplane.client_counters(client).unwrap();
+    assert!(counters.rx_packets > 0);
+    goodput
+}
+
+#[test]
+fn tcp_goodput_512_kbps() {
+    let goodput = tcp_goodput(512, 5211);
+    let ratio = goodput / 512.0;
+    eprintln!("TCP at 512 kbit/s: goodput {goodput:.1} kbit/s (ratio {ratio:.3})");
+    assert!(
+        (0.85..=1.05).contains(&ratio),
+        "goodput {goodput:.1} kbit/s at 512 (ratio {ratio:.3})"
+    );
+}
+
+#[test]
+fn tcp_goodput_2000_kbps() {
+    let goodput = tcp_goodput(2_000, 5212);
+    let ratio = goodput / 2_000.0;
+    eprintln!("TCP at 2,000 kbit/s: goodput {goodput:.1} kbit/s (ratio {ratio:.3})");
+    assert!(
+        (0.85..=1.05).contains(&ratio),
+        "goodput {goodput:.1} kbit/s at 2,000 (ratio {ratio:.3})"
+    );
+}
