@@ -2,6 +2,7 @@
 
 use core::intrinsics::{atomic_cxchg, AtomicOrdering};
 
+use crate::access::{TcPacket, XdpPacket};
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS},
@@ -16,7 +17,7 @@ use sag_common::{
     counters::{
         target, ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter, Target,
     },
-    packet::{parse_frame, Framing, Ipv4Summary, PacketBytes, Parsed},
+    packet::{parse_frame, Framing, Ipv4Summary, Parsed},
     policy::{
         admit, classify_source, destination_allowed, is_blocked, Client, Destination,
         DestinationKey, DropReason, Instance, RateLimit, Source, Tunnel,
@@ -287,41 +288,6 @@ fn count_interface(key: InterfaceKey, bytes: u64) {
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {
         // SAFETY: as above.
         unsafe { (*counter).add(bytes) };
-    }
-}
-
-/// Bounds-checked direct access to an XDP packet.
-struct XdpPacket<'a>(&'a XdpContext);
-
-impl PacketBytes for XdpPacket<'_> {
-    #[inline(always)]
-    fn frame_len(&self) -> usize {
-        self.0.data_end() - self.0.data()
-    }
-
-    #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let start = self.0.data() + offset;
-        if start + N > self.0.data_end() {
-            return None;
-        }
-        // SAFETY: the check above keeps the read inside the packet, as the verifier requires.
-        Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
-    }
-}
-
-/// Access to a socket buffer through `bpf_skb_load_bytes`, which also reaches paged data.
-struct TcPacket<'a>(&'a TcContext);
-
-impl PacketBytes for TcPacket<'_> {
-    #[inline(always)]
-    fn frame_len(&self) -> usize {
-        self.0.len() as usize
-    }
-
-    #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        self.0.load::<[u8; N]>(offset).ok()
     }
 }
 

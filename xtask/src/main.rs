@@ -1,9 +1,10 @@
-//! Project jobs: `cargo xtask setup|test|demo`.
+//! Project jobs: `cargo xtask setup|test|demo|bench`.
 //!
 //! Each job first runs `xtask/setup.sh`, which installs what a fresh Debian machine lacks and
 //! returns in seconds when everything is present. This crate depends on nothing that setup
 //! installs, so that it builds on a fresh machine.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -29,6 +30,8 @@ enum Job {
     Test(test::Options),
     /// Show the kernel programs counting real traffic in a namespace topology. Needs root.
     Demo(demo::Options),
+    /// Measure the kernel programs as ratios against baselines of the same run. Needs root.
+    Bench(bench::Options),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +40,7 @@ fn main() -> Result<()> {
         Job::Setup => setup::run(),
         Job::Test(options) => test::run(&options),
         Job::Demo(options) => demo::run(&options),
+        Job::Bench(options) => bench::run(&options),
     }
 }
 

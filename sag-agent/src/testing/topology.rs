@@ -180,6 +180,8 @@ pub struct EthernetTopology {
     pub lan: Netns,
     /// The gateway's interface toward the clients, where the programs attach.
     pub gateway_link: String,
+    /// The gateway's interface toward the company network.
+    pub gateway_lan: String,
     /// Index of `gateway_link` in the gateway namespace.
     pub gateway_ifindex: u32,
 }
@@ -244,6 +246,7 @@ impl EthernetTopology {
             gateway,
             lan,
             gateway_link,
+            gateway_lan,
             gateway_ifindex,
         })
     }

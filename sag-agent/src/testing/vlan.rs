@@ -13,8 +13,6 @@ use aya::{
 /// VLAN ID that the tagging programs use.
 pub const TEST_VLAN_ID: u16 = 100;
 
-static VLAN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sag-test-vlan"));
-
 /// Tagging programs attached to one interface; detached when dropped.
 pub struct VlanTagger {
     _ebpf: Ebpf,
@@ -24,7 +22,8 @@ impl VlanTagger {
     /// Attaches the programs to `interface` in the calling thread's network namespace. At TC
     /// egress they run after any program already attached there.
     pub fn attach(interface: &str) -> Result<Self> {
-        let mut ebpf = Ebpf::load(VLAN_OBJECT).context("failed to load the VLAN test object")?;
+        let mut ebpf =
+            Ebpf::load(super::TEST_OBJECT).context("failed to load the VLAN test object")?;
         for (name, attach_type) in [
             ("sag_test_vlan_push", TcAttachType::Egress),
             ("sag_test_vlan_pop", TcAttachType::Ingress),

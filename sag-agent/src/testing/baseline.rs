@@ -1,0 +1,75 @@
+//! Baseline programs for the benchmark: they parse a frame as sag's programs do, then pass it.
+
+use anyhow::{Context as _, Result};
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+
+use crate::dataplane::Program;
+
+/// The loaded baseline programs, one for each of sag's programs.
+pub struct Baseline {
+    ebpf: Ebpf,
+}
+
+/// Returns the name of the baseline program that matches `program`.
+fn baseline_name(program: Program) -> &'static str {
+    match program {
+        Program::RxL3 => "sag_baseline_rx_l3",
+        Program::RxEthernet => "sag_baseline_rx_ethernet",
+        Program::TxL3 => "sag_baseline_tx_l3",
+        Program::TxEthernet => "sag_baseline_tx_ethernet",
+    }
+}
+
+impl Baseline {
+    /// Loads the four baseline programs.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(super::TEST_OBJECT).context("failed to load the test object")?;
+        for program in Program::ALL {
+            let name = baseline_name(program);
+            let loaded = ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} not found"))?;
+            if matches!(program, Program::RxL3 | Program::RxEthernet) {
+                let xdp: &mut Xdp = loaded.try_into()?;
+                xdp.load()
+                    .with_context(|| format!("failed to load {name}"))?;
+            } else {
+                let classifier: &mut SchedClassifier = loaded.try_into()?;
+                classifier
+                    .load()
+                    .with_context(|| format!("failed to load {name}"))?;
+            }
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Runs the baseline of `program` on `frame` `repeat` times and returns the last verdict
+    /// and the mean run time per packet in nanoseconds, as the kernel measured it.
+    pub fn test_run_repeated(
+        &self,
+        program: Program,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, u64)> {
+        let name = baseline_name(program);
+        let loaded = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("{name} not found"))?;
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.repeat = repeat;
+        let result = if matches!(program, Program::RxL3 | Program::RxEthernet) {
+            let xdp: &Xdp = loaded.try_into()?;
+            xdp.test_run(options)
+        } else {
+            let classifier: &SchedClassifier = loaded.try_into()?;
+            classifier.test_run(options)
+        }
+        .with_context(|| format!("test run of {name} failed"))?;
+        Ok((result.return_value, result.duration.as_nanos() as u64))
+    }
+}
