@@ -37,10 +37,8 @@ struct Flow {
 }
 
 fn main() -> Result<()> {
-    let agent = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .context("usage: demo PATH-TO-SAG-AGENT")?;
+    let agent =
+        std::env::args().nth(1).map(PathBuf::from).context("usage: demo PATH-TO-SAG-AGENT")?;
     let topology = TunTopology::new()?;
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("sag-demo-"));
     let result = run(&agent, &topology, &pin_dir);
@@ -52,27 +50,11 @@ fn main() -> Result<()> {
 
 fn run(agent: &PathBuf, topology: &TunTopology, pin_dir: &PathBuf) -> Result<()> {
     let flows = [
-        Flow {
-            client: client_address(0),
-            payload: 1_172,
-            gap: Duration::from_millis(10),
-        },
-        Flow {
-            client: client_address(1),
-            payload: 472,
-            gap: Duration::from_millis(20),
-        },
-        Flow {
-            client: client_address(2),
-            payload: 72,
-            gap: Duration::from_millis(50),
-        },
+        Flow { client: client_address(0), payload: 1_172, gap: Duration::from_millis(10) },
+        Flow { client: client_address(1), payload: 472, gap: Duration::from_millis(20) },
+        Flow { client: client_address(2), payload: 72, gap: Duration::from_millis(50) },
     ];
-    println!(
-        "gateway namespace {} with tunnel {}",
-        topology.gateway.name(),
-        topology.tun_name()
-    );
+    println!("gateway namespace {} with tunnel {}", topology.gateway.name(), topology.tun_name());
     println!(
         "company network namespace {} with a UDP echo server at {LAN_SERVER}:{ECHO_PORT}",
         topology.lan.name()
@@ -89,9 +71,7 @@ fn run(agent: &PathBuf, topology: &TunTopology, pin_dir: &PathBuf) -> Result<()>
     println!();
 
     let mut watch = Command::new("nsenter");
-    watch
-        .arg(format!("--net=/run/netns/{}", topology.gateway.name()))
-        .arg(agent);
+    watch.arg(format!("--net=/run/netns/{}", topology.gateway.name())).arg(agent);
     watch.args([
         "dataplane",
         "watch",
@@ -106,9 +86,7 @@ fn run(agent: &PathBuf, topology: &TunTopology, pin_dir: &PathBuf) -> Result<()>
     for flow in &flows {
         watch.args(["--client", &flow.client.to_string()]);
     }
-    let mut watcher = watch
-        .spawn()
-        .context("failed to start sag-agent dataplane watch")?;
+    let mut watcher = watch.spawn().context("failed to start sag-agent dataplane watch")?;
     std::thread::sleep(Duration::from_millis(500));
 
     let sent = send_flows(topology, &flows)?;
@@ -148,10 +126,8 @@ fn send_flows(
     topology: &TunTopology,
     flows: &[Flow],
 ) -> Result<BTreeMap<Ipv4Addr, ClientCounters>> {
-    let max_packets: usize = flows
-        .iter()
-        .map(|f| (TRAFFIC_TIME.as_millis() / f.gap.as_millis()) as usize + 1)
-        .sum();
+    let max_packets: usize =
+        flows.iter().map(|f| (TRAFFIC_TIME.as_millis() / f.gap.as_millis()) as usize + 1).sum();
     let socket = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, ECHO_PORT))?;
     let echo = udp_echo(socket, max_packets, TRAFFIC_TIME + Duration::from_secs(2));
     let done = AtomicBool::new(false);
@@ -173,11 +149,8 @@ fn send_flows(
         while start.elapsed() < TRAFFIC_TIME {
             for (flow, due) in flows.iter().zip(next.iter_mut()) {
                 if Instant::now() >= *due {
-                    let packet = udp(
-                        (flow.client, 4000),
-                        (LAN_SERVER, ECHO_PORT),
-                        &vec![0; flow.payload],
-                    );
+                    let packet =
+                        udp((flow.client, 4000), (LAN_SERVER, ECHO_PORT), &vec![0; flow.payload]);
                     topology.tun.send(&packet)?;
                     let entry = sent.entry(flow.client).or_default();
                     entry.record(Direction::Rx, packet.len() as u64);

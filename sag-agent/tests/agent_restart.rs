@@ -53,23 +53,12 @@ impl Agent {
         let mut command = Command::new("nsenter");
         command.arg(format!("--net=/run/netns/{}", topology.gateway.name()));
         command.arg(env!("CARGO_BIN_EXE_sag-agent"));
-        command.args([
-            "dataplane",
-            "watch",
-            "--tunnel",
-            topology.tun_name(),
-            "--json",
-        ]);
-        command
-            .args(["--interval", "0.1", "--pin-dir"])
-            .arg(pin_dir);
+        command.args(["dataplane", "watch", "--tunnel", topology.tun_name(), "--json"]);
+        command.args(["--interval", "0.1", "--pin-dir"]).arg(pin_dir);
         for client in clients {
             command.args(["--client", &client.to_string()]);
         }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sag-agent starts");
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("sag-agent starts");
         let stdout = child.stdout.take().unwrap();
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -84,10 +73,7 @@ impl Agent {
 
     /// Returns the client counters of the next printed snapshot.
     fn next_snapshot(&self) -> Vec<(Ipv4Addr, ClientCounters)> {
-        let line = self
-            .lines
-            .recv_timeout(WAIT)
-            .expect("sag-agent prints a snapshot");
+        let line = self.lines.recv_timeout(WAIT).expect("sag-agent prints a snapshot");
         let value: Value = serde_json::from_str(&line).unwrap();
         value["clients"]
             .as_array()
@@ -139,11 +125,7 @@ fn round_trips(topology: &TunTopology, client: Ipv4Addr, count: usize, payload: 
     for _ in 0..count {
         topology
             .tun
-            .send(&udp(
-                (client, 3000),
-                (LAN_SERVER, ECHO_PORT),
-                &vec![0; payload],
-            ))
+            .send(&udp((client, 3000), (LAN_SERVER, ECHO_PORT), &vec![0; payload]))
             .unwrap();
     }
     assert_eq!(echo.join().unwrap(), count);
@@ -180,10 +162,7 @@ fn counters_survive_agent_crash_and_restart() {
     assert_eq!(pinned[&b], counters(4, 1028));
 
     let second = Agent::start(&topology, &pin_dir.0, &[a, b]);
-    assert_eq!(
-        second.next_snapshot(),
-        vec![(a, counters(10, 128)), (b, counters(4, 1028))]
-    );
+    assert_eq!(second.next_snapshot(), vec![(a, counters(10, 128)), (b, counters(4, 1028))]);
     round_trips(&topology, a, 5, 100);
     second.wait_for(&[(a, counters(15, 128)), (b, counters(4, 1028))]);
 }
@@ -195,10 +174,7 @@ fn watch_exits_cleanly_on_sigterm() {
     let mut agent = Agent::start(&topology, &pin_dir.0, &[client_address(0)]);
     agent.next_snapshot();
     // SAFETY: signalling a child this test started, by its PID.
-    assert_eq!(
-        unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    assert_eq!(unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
     let status = agent.child.wait().unwrap();
     assert!(status.success(), "sag-agent exited with {status}");
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use sag_agent::{
-    dataplane::{ClientSettings, Dataplane, InterfaceCounter},
+    dataplane::{ClientSettings, Dataplane, InterfaceCounter, RxHook},
     testing::{
         frames::{icmp_echo, udp},
         topology::{
@@ -35,18 +35,15 @@ struct Ledger(BTreeMap<Ipv4Addr, ClientCounters>);
 
 impl Ledger {
     fn record(&mut self, client: Ipv4Addr, direction: Direction, ip_bytes: usize) {
-        self.0
-            .entry(client)
-            .or_default()
-            .record(direction, ip_bytes as u64);
+        self.0.entry(client).or_default().record(direction, ip_bytes as u64);
     }
 }
 
-fn load_attached(topology: &TunTopology, pin_dir: Option<&std::path::Path>) -> Dataplane {
-    let mut dataplane = Dataplane::load(pin_dir).expect("programs must load (run as root)");
+fn load_attached(topology: &TunTopology, hook: RxHook) -> Dataplane {
+    let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
     topology
         .gateway
-        .enter(|| dataplane.attach(topology.tun_name(), Framing::L3))
+        .enter(|| dataplane.attach_with(topology.tun_name(), Framing::L3, hook))
         .unwrap()
         .unwrap();
     dataplane
@@ -62,11 +59,7 @@ fn udp_round_trips(topology: &TunTopology, clients: &[Ipv4Addr], ledger: &mut Le
         // Each client sends the sizes in its own order, from its own port.
         for turn in 0..PAYLOADS.len() {
             let payload = vec![index as u8; PAYLOADS[(turn + index) % PAYLOADS.len()]];
-            let packet = udp(
-                (client, 40_000 + index as u16),
-                (LAN_SERVER, ECHO_PORT),
-                &payload,
-            );
+            let packet = udp((client, 40_000 + index as u16), (LAN_SERVER, ECHO_PORT), &payload);
             topology.tun.send(&packet).unwrap();
             ledger.record(client, Direction::Rx, packet.len());
             ledger.record(client, Direction::Tx, packet.len());
@@ -81,13 +74,8 @@ fn udp_round_trips(topology: &TunTopology, clients: &[Ipv4Addr], ledger: &mut Le
 fn pings(topology: &TunTopology, clients: &[Ipv4Addr], ledger: &mut Ledger) {
     for (index, &client) in clients.iter().enumerate() {
         for (seq, &size) in PINGS.iter().enumerate() {
-            let packet = icmp_echo(
-                client,
-                LAN_SERVER,
-                0x5a00 + index as u16,
-                seq as u16,
-                &vec![7; size],
-            );
+            let packet =
+                icmp_echo(client, LAN_SERVER, 0x5a00 + index as u16, seq as u16, &vec![7; size]);
             topology.tun.send(&packet).unwrap();
             ledger.record(client, Direction::Rx, packet.len());
             // The reply has the request's size.
@@ -95,15 +83,8 @@ fn pings(topology: &TunTopology, clients: &[Ipv4Addr], ledger: &mut Ledger) {
         }
     }
     let replies = topology.receive(clients.len() * PINGS.len(), WAIT).unwrap();
-    assert_eq!(
-        replies.len(),
-        clients.len() * PINGS.len(),
-        "echo replies read from the tunnel"
-    );
-    assert!(
-        replies.iter().all(|reply| reply[20] == 0),
-        "every reply is an ICMP echo reply"
-    );
+    assert_eq!(replies.len(), clients.len() * PINGS.len(), "echo replies read from the tunnel");
+    assert!(replies.iter().all(|reply| reply[20] == 0), "every reply is an ICMP echo reply");
 }
 
 fn interface_counter(
@@ -120,14 +101,21 @@ fn interface_counter(
 }
 
 #[test]
-fn tun_counts_three_clients_exactly() {
+fn tun_counts_three_clients_exactly_tc() {
+    tun_counts_three_clients_exactly(RxHook::TcIngress);
+}
+
+#[test]
+fn tun_counts_three_clients_exactly_xdp() {
+    tun_counts_three_clients_exactly(RxHook::Xdp);
+}
+
+fn tun_counts_three_clients_exactly(hook: RxHook) {
     let topology = TunTopology::new().unwrap();
-    let mut dataplane = load_attached(&topology, None);
+    let mut dataplane = load_attached(&topology, hook);
     let clients = [client_address(0), client_address(1), client_address(2)];
     for client in clients {
-        dataplane
-            .add_client(client, &ClientSettings::default())
-            .unwrap();
+        dataplane.add_client(client, &ClientSettings::default()).unwrap();
     }
     let mut ledger = Ledger::default();
 
@@ -137,16 +125,10 @@ fn tun_counts_three_clients_exactly() {
     // From the gateway itself to the second client.
     let local = bind_udp(&topology.gateway, SocketAddrV4::new(TUNNEL_GATEWAY, 0)).unwrap();
     for payload in [1usize, 700, 1472] {
-        local
-            .send_to(&vec![1; payload], SocketAddrV4::new(clients[1], 9))
-            .unwrap();
+        local.send_to(&vec![1; payload], SocketAddrV4::new(clients[1], 9)).unwrap();
         ledger.record(clients[1], Direction::Tx, 28 + payload);
     }
-    assert_eq!(
-        topology.receive(3, WAIT).unwrap().len(),
-        3,
-        "local datagrams read from the tunnel"
-    );
+    assert_eq!(topology.receive(3, WAIT).unwrap().len(), 3, "local datagrams read from the tunnel");
 
     // From the first client to the third, through the gateway.
     for payload in [5usize, 1200] {
@@ -155,11 +137,7 @@ fn tun_counts_three_clients_exactly() {
         ledger.record(clients[0], Direction::Rx, packet.len());
         ledger.record(clients[2], Direction::Tx, packet.len());
     }
-    assert_eq!(
-        topology.receive(2, WAIT).unwrap().len(),
-        2,
-        "client-to-client datagrams read"
-    );
+    assert_eq!(topology.receive(2, WAIT).unwrap().len(), 2, "client-to-client datagrams read");
 
     let counted = dataplane.clients().unwrap();
     for client in clients {
@@ -171,11 +149,9 @@ fn tun_counts_three_clients_exactly() {
 #[test]
 fn tun_counts_unknown_and_ipv6_per_interface() {
     let topology = TunTopology::new().unwrap();
-    let mut dataplane = load_attached(&topology, None);
+    let mut dataplane = load_attached(&topology, RxHook::TcIngress);
     let client = client_address(0);
-    dataplane
-        .add_client(client, &ClientSettings::default())
-        .unwrap();
+    dataplane.add_client(client, &ClientSettings::default()).unwrap();
 
     // A source that is not a client: counted as unknown in both directions.
     let stranger = Ipv4Addr::new(10, 77, 0, 99);
@@ -197,66 +173,41 @@ fn tun_counts_unknown_and_ipv6_per_interface() {
 
     let counters = dataplane.interface_counters().unwrap();
     let ifindex = topology.tun_ifindex;
-    let unknown_rx = interface_counter(
-        &counters,
-        ifindex,
-        Direction::Rx,
-        InterfaceKind::UnknownIpv4,
-    );
-    let unknown_tx = interface_counter(
-        &counters,
-        ifindex,
-        Direction::Tx,
-        InterfaceKind::UnknownIpv4,
-    );
+    let unknown_rx =
+        interface_counter(&counters, ifindex, Direction::Rx, InterfaceKind::UnknownIpv4);
+    let unknown_tx =
+        interface_counter(&counters, ifindex, Direction::Tx, InterfaceKind::UnknownIpv4);
     let ipv6_rx = interface_counter(&counters, ifindex, Direction::Rx, InterfaceKind::Ipv6);
-    assert_eq!(
-        unknown_rx,
-        PacketCounter {
-            packets: 1,
-            bytes: 128
-        }
-    );
-    assert_eq!(
-        unknown_tx,
-        PacketCounter {
-            packets: 1,
-            bytes: 128
-        }
-    );
-    assert_eq!(
-        ipv6_rx,
-        PacketCounter {
-            packets: 1,
-            bytes: 48
-        }
-    );
+    assert_eq!(unknown_rx, PacketCounter { packets: 1, bytes: 128 });
+    assert_eq!(unknown_tx, PacketCounter { packets: 1, bytes: 128 });
+    assert_eq!(ipv6_rx, PacketCounter { packets: 1, bytes: 48 });
     let total: u64 = counters.iter().map(|c| c.counter.packets).sum();
     assert_eq!(total, 3, "no other interface counter moved: {counters:?}");
-    assert_eq!(
-        dataplane.client_counters(client).unwrap(),
-        ClientCounters::default()
-    );
+    assert_eq!(dataplane.client_counters(client).unwrap(), ClientCounters::default());
 }
 
 #[test]
-fn detach_stops_counting() {
+fn detach_stops_counting_tc() {
+    detach_stops_counting(RxHook::TcIngress);
+}
+
+#[test]
+fn detach_stops_counting_xdp() {
+    detach_stops_counting(RxHook::Xdp);
+}
+
+fn detach_stops_counting(hook: RxHook) {
     let topology = TunTopology::new().unwrap();
-    let mut dataplane = load_attached(&topology, None);
+    let mut dataplane = load_attached(&topology, hook);
     let client = client_address(0);
-    dataplane
-        .add_client(client, &ClientSettings::default())
-        .unwrap();
+    dataplane.add_client(client, &ClientSettings::default()).unwrap();
     let packet = udp((client, 1), (LAN_SERVER, 9), &[0; 10]);
     topology.tun.send(&packet).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(dataplane.client_counters(client).unwrap().rx_packets, 1);
 
     dataplane.detach(topology.tun_name()).unwrap();
-    let link = topology
-        .gateway
-        .ip(&["-d", "link", "show", topology.tun_name()])
-        .unwrap();
+    let link = topology.gateway.ip(&["-d", "link", "show", topology.tun_name()]).unwrap();
     assert!(!link.contains("xdp"), "XDP still attached: {link}");
     // No pause: the links are off their hooks when detach returns.
     topology.tun.send(&packet).unwrap();
@@ -268,7 +219,7 @@ fn detach_stops_counting() {
 #[test]
 fn attach_twice_is_rejected() {
     let topology = TunTopology::new().unwrap();
-    let mut dataplane = load_attached(&topology, None);
+    let mut dataplane = load_attached(&topology, RxHook::TcIngress);
     let error = topology
         .gateway
         .enter(|| dataplane.attach(topology.tun_name(), Framing::L3))
@@ -307,9 +258,7 @@ fn ethernet_counts_exactly(vlan: bool) {
         .unwrap();
     let clients: Vec<Ipv4Addr> = (0..3).map(ethernet_client_address).collect();
     for &client in &clients {
-        dataplane
-            .add_client(client, &ClientSettings::default())
-            .unwrap();
+        dataplane.add_client(client, &ClientSettings::default()).unwrap();
     }
     let echo_socket = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, ECHO_PORT)).unwrap();
     let total = clients.len() * PAYLOADS.len();
@@ -321,9 +270,7 @@ fn ethernet_counts_exactly(vlan: bool) {
         let mut buffer = [0u8; 2048];
         for turn in 0..PAYLOADS.len() {
             let payload = vec![index as u8; PAYLOADS[(turn + index) % PAYLOADS.len()]];
-            socket
-                .send_to(&payload, SocketAddrV4::new(LAN_SERVER, ECHO_PORT))
-                .unwrap();
+            socket.send_to(&payload, SocketAddrV4::new(LAN_SERVER, ECHO_PORT)).unwrap();
             let (len, _) = socket.recv_from(&mut buffer).unwrap();
             assert_eq!(len, payload.len());
             ledger.record(client, Direction::Rx, 28 + payload.len());
@@ -338,16 +285,9 @@ fn ethernet_counts_exactly(vlan: bool) {
     }
     // The kernels resolve each other's addresses with ARP, which is counted per interface.
     let counters = dataplane.interface_counters().unwrap();
-    let arp = interface_counter(
-        &counters,
-        topology.gateway_ifindex,
-        Direction::Rx,
-        InterfaceKind::Arp,
-    );
-    assert!(
-        arp.packets >= 1,
-        "ARP from the clients counted: {counters:?}"
-    );
+    let arp =
+        interface_counter(&counters, topology.gateway_ifindex, Direction::Rx, InterfaceKind::Arp);
+    assert!(arp.packets >= 1, "ARP from the clients counted: {counters:?}");
     let unknown = interface_counter(
         &counters,
         topology.gateway_ifindex,

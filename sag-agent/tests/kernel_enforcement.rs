@@ -37,21 +37,20 @@ const RATE_TOLERANCE: f64 = 0.05;
 /// lets the instance reach the company network.
 fn enforcing(topology: &TunTopology) -> Dataplane {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
-    topology
-        .gateway
-        .enter(|| dataplane.attach(topology.tun_name(), Framing::L3))
-        .unwrap()
-        .unwrap();
+    topology.gateway.enter(|| dataplane.attach(topology.tun_name(), Framing::L3)).unwrap().unwrap();
+    dataplane.set_instance(INSTANCE, &instance_settings(false)).unwrap();
+    dataplane.bind_tunnel(topology.tun_ifindex, INSTANCE).unwrap();
     dataplane
-        .set_instance(INSTANCE, &InstanceSettings::default())
-        .unwrap();
-    dataplane
-        .bind_tunnel(topology.tun_ifindex, INSTANCE)
-        .unwrap();
-    dataplane
-        .allow_destination(INSTANCE, "198.18.0.0/24".parse().unwrap())
-        .unwrap();
-    dataplane
+}
+
+/// The test instance: clients in 10.77.0.0/24, allowed to reach 198.18.0.0/24.
+fn instance_settings(blocked: bool) -> InstanceSettings {
+    InstanceSettings {
+        blocked,
+        client_to_client: false,
+        pools: vec!["10.77.0.0/24".parse().unwrap()],
+        allowed: vec!["198.18.0.0/24".parse().unwrap()],
+    }
 }
 
 fn limited(rate_kbps: u32) -> ClientSettings {
@@ -98,28 +97,15 @@ fn udp_at_twice_the_limit(rate: u32, payload: usize, seconds: u64) {
     assert_rate(&format!("{rate} kbit/s"), measured, f64::from(rate));
     let counters = dataplane.client_counters(client).unwrap();
     let packet_bytes = (payload + 28) as u64;
-    assert_eq!(
-        counters.rx_packets, delivered,
-        "passed packets equal delivered packets"
-    );
+    assert_eq!(counters.rx_packets, delivered, "passed packets equal delivered packets");
     assert_eq!(counters.rx_bytes, delivered * packet_bytes);
     assert_eq!(
         counters.rx_dropped.rate_limit,
-        PacketCounter {
-            packets: sent - delivered,
-            bytes: (sent - delivered) * packet_bytes
-        },
+        PacketCounter { packets: sent - delivered, bytes: (sent - delivered) * packet_bytes },
         "drops equal sent minus delivered ({sent} sent)"
     );
-    eprintln!(
-        "{rate} kbit/s: {sent} sent, {delivered} delivered, {} dropped",
-        sent - delivered
-    );
-    assert!(
-        sent - delivered > sent / 3,
-        "about half of {sent} dropped, not {}",
-        sent - delivered
-    );
+    eprintln!("{rate} kbit/s: {sent} sent, {delivered} delivered, {} dropped", sent - delivered);
+    assert!(sent - delivered > sent / 3, "about half of {sent} dropped, not {}", sent - delivered);
 }
 
 #[test]
@@ -195,11 +181,7 @@ fn two_clients_limited_independently_and_live_change() {
         rate_kbps(&slow_arrivals, settled, duration),
         1_000.0,
     );
-    assert_rate(
-        "fast client",
-        rate_kbps(&fast_arrivals, WARM_UP, duration),
-        2_000.0,
-    );
+    assert_rate("fast client", rate_kbps(&fast_arrivals, WARM_UP, duration), 2_000.0);
 }
 
 /// Sends `count` UDP packets from `source` to the sink and returns how many arrived.
@@ -217,10 +199,7 @@ fn send_and_count(
         None
     };
     for _ in 0..count {
-        topology
-            .tun
-            .send(&udp((source, 6000), (destination, SINK_PORT), &[0; 72]))
-            .unwrap();
+        topology.tun.send(&udp((source, 6000), (destination, SINK_PORT), &[0; 72])).unwrap();
     }
     std::thread::sleep(Duration::from_millis(200));
     receiver.map_or(0, |receiver| receiver.finish().len())
@@ -231,36 +210,19 @@ fn drop_reasons_in_namespaces() {
     let topology = TunTopology::new().unwrap();
     let mut dataplane = enforcing(&topology);
     let (client, disabled) = (client_address(0), client_address(1));
-    let settings = ClientSettings {
-        instance: INSTANCE,
-        ..ClientSettings::default()
-    };
+    let settings = ClientSettings { instance: INSTANCE, ..ClientSettings::default() };
     dataplane.add_client(client, &settings).unwrap();
-    dataplane
-        .add_client(
-            disabled,
-            &ClientSettings {
-                blocked: true,
-                ..settings
-            },
-        )
-        .unwrap();
+    dataplane.add_client(disabled, &ClientSettings { blocked: true, ..settings }).unwrap();
 
     // Allowed traffic arrives.
     assert_eq!(send_and_count(&topology, client, LAN_SERVER, 5), 5);
     // A disabled account: blocked.
     assert_eq!(send_and_count(&topology, disabled, LAN_SERVER, 4), 0);
     // A source that is no client of the tunnel's instance: spoofed.
-    assert_eq!(
-        send_and_count(&topology, Ipv4Addr::new(10, 77, 0, 200), LAN_SERVER, 3),
-        0
-    );
+    assert_eq!(send_and_count(&topology, Ipv4Addr::new(10, 77, 0, 200), LAN_SERVER, 3), 0);
     // A destination outside the allowed blocks. The lan namespace owns 198.18.1.2 too, so a
     // packet that got through would be delivered.
-    topology
-        .lan
-        .ip(&["addr", "add", "198.18.1.2/32", "dev", "lo"])
-        .unwrap();
+    topology.lan.ip(&["addr", "add", "198.18.1.2/32", "dev", "lo"]).unwrap();
     let outside = Ipv4Addr::new(198, 18, 1, 2);
     let receiver = Receiver::start(
         bind_udp(&topology.lan, SocketAddrV4::new(outside, SINK_PORT)).unwrap(),
@@ -268,48 +230,20 @@ fn drop_reasons_in_namespaces() {
     )
     .unwrap();
     send_and_count(&topology, client, outside, 2);
-    assert_eq!(
-        receiver.finish().len(),
-        0,
-        "not-allowed packets never arrive"
-    );
+    assert_eq!(receiver.finish().len(), 0, "not-allowed packets never arrive");
     // The whole instance stopped: blocked, then restored.
-    let stopped = InstanceSettings {
-        blocked: true,
-        ..InstanceSettings::default()
-    };
-    dataplane.set_instance(INSTANCE, &stopped).unwrap();
+    dataplane.set_instance(INSTANCE, &instance_settings(true)).unwrap();
     assert_eq!(send_and_count(&topology, client, LAN_SERVER, 6), 0);
-    dataplane
-        .set_instance(INSTANCE, &InstanceSettings::default())
-        .unwrap();
+    dataplane.set_instance(INSTANCE, &instance_settings(false)).unwrap();
     assert_eq!(send_and_count(&topology, client, LAN_SERVER, 1), 1);
 
     let bytes = 100;
     let counted = dataplane.client_counters(client).unwrap();
     assert_eq!(counted.rx_packets, 6);
-    assert_eq!(
-        counted.rx_dropped.not_allowed,
-        PacketCounter {
-            packets: 2,
-            bytes: 2 * bytes
-        }
-    );
-    assert_eq!(
-        counted.rx_dropped.blocked,
-        PacketCounter {
-            packets: 6,
-            bytes: 6 * bytes
-        }
-    );
+    assert_eq!(counted.rx_dropped.not_allowed, PacketCounter { packets: 2, bytes: 2 * bytes });
+    assert_eq!(counted.rx_dropped.blocked, PacketCounter { packets: 6, bytes: 6 * bytes });
     let counted = dataplane.client_counters(disabled).unwrap();
-    assert_eq!(
-        counted.rx_dropped.blocked,
-        PacketCounter {
-            packets: 4,
-            bytes: 4 * bytes
-        }
-    );
+    assert_eq!(counted.rx_dropped.blocked, PacketCounter { packets: 4, bytes: 4 * bytes });
     assert_eq!(counted.rx_packets, 0);
     let spoofed = dataplane
         .interface_counters()
@@ -317,32 +251,14 @@ fn drop_reasons_in_namespaces() {
         .into_iter()
         .find(|c| c.ifindex == topology.tun_ifindex && c.kind == InterfaceKind::Spoofed)
         .expect("spoofed counter");
-    assert_eq!(
-        spoofed.counter,
-        PacketCounter {
-            packets: 3,
-            bytes: 3 * bytes
-        }
-    );
+    assert_eq!(spoofed.counter, PacketCounter { packets: 3, bytes: 3 * bytes });
 }
 
 /// Starts a one-shot iperf3 server in `netns` on `port`; it exits after one test.
 fn iperf3_server(netns: &Netns, port: u16) -> Child {
     Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns.name(),
-            "iperf3",
-            "--server",
-            "--one-off",
-        ])
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            &LAN_SERVER.to_string(),
-        ])
+        .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
+        .args(["--port", &port.to_string(), "--bind", &LAN_SERVER.to_string()])
         .stdout(Stdio::null())
         .spawn()
         .expect("iperf3 starts")
@@ -359,10 +275,7 @@ fn tcp_goodput(rate: u32, port: u16) -> f64 {
         .unwrap()
         .unwrap();
     let client = ethernet_client_address(0);
-    let settings = ClientSettings {
-        instance: 0,
-        ..limited(rate)
-    };
+    let settings = ClientSettings { instance: 0, ..limited(rate) };
     dataplane.add_client(client, &settings).unwrap();
 
     let mut server = iperf3_server(&topology.lan, port);
@@ -388,10 +301,7 @@ fn tcp_goodput(rate: u32, port: u16) -> f64 {
         .unwrap();
     let _ = server.wait();
     let report: Value = serde_json::from_str(&output).unwrap();
-    let goodput = report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap()
-        / 1_000.0;
+    let goodput = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1_000.0;
     let counters: ClientCounters = dataplane.client_counters(client).unwrap();
     assert!(counters.rx_packets > 0);
     goodput

@@ -34,27 +34,29 @@ fn packet(source: Ipv4Addr, destination: Ipv4Addr, payload: usize) -> Vec<u8> {
     udp((source, 4000), (destination, 7), &vec![0x5a; payload])
 }
 
+/// Settings of `INSTANCE`: clients in 10.77.0.0/24, allowed to reach `allowed`.
+fn instance(allowed: &str, client_to_client: bool) -> InstanceSettings {
+    InstanceSettings {
+        client_to_client,
+        pools: vec!["10.77.0.0/24".parse().unwrap()],
+        allowed: vec![allowed.parse().unwrap()],
+        ..InstanceSettings::default()
+    }
+}
+
 /// A dataplane with `CLIENT` and `PEER` in `INSTANCE`, which allows 198.18.0.0/16, and the
 /// test tunnel bound to it.
 fn enforcing_dataplane() -> Dataplane {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
-    dataplane
-        .set_instance(INSTANCE, &InstanceSettings::default())
-        .unwrap();
-    dataplane
-        .set_instance(OTHER_INSTANCE, &InstanceSettings::default())
-        .unwrap();
-    dataplane
-        .allow_destination(INSTANCE, "198.18.0.0/16".parse().unwrap())
-        .unwrap();
-    dataplane
-        .allow_destination(OTHER_INSTANCE, "203.0.113.0/24".parse().unwrap())
-        .unwrap();
-    dataplane.bind_tunnel(TEST_RUN_IFINDEX, INSTANCE).unwrap();
-    let settings = ClientSettings {
-        instance: INSTANCE,
-        ..ClientSettings::default()
+    dataplane.set_instance(INSTANCE, &instance("198.18.0.0/16", false)).unwrap();
+    let other = InstanceSettings {
+        pools: vec!["10.88.0.0/24".parse().unwrap()],
+        allowed: vec!["203.0.113.0/24".parse().unwrap()],
+        ..InstanceSettings::default()
     };
+    dataplane.set_instance(OTHER_INSTANCE, &other).unwrap();
+    dataplane.bind_tunnel(TEST_RUN_IFINDEX, INSTANCE).unwrap();
+    let settings = ClientSettings { instance: INSTANCE, ..ClientSettings::default() };
     dataplane.add_client(CLIENT, &settings).unwrap();
     dataplane.add_client(PEER, &settings).unwrap();
     dataplane
@@ -71,10 +73,7 @@ fn counters(dataplane: &Dataplane, address: Ipv4Addr) -> ClientCounters {
 #[test]
 fn allowed_destination_passes() {
     let dataplane = enforcing_dataplane();
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 72)),
-        XDP_PASS
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 72)), XDP_PASS);
     let counted = counters(&dataplane, CLIENT);
     assert_eq!(counted.rx_packets, 1);
     assert_eq!(counted.rx_bytes, 100);
@@ -85,43 +84,43 @@ fn allowed_destination_passes() {
 fn not_allowed_destination_dropped() {
     let dataplane = enforcing_dataplane();
     // 203.0.113.0/24 is allowed for the other instance only.
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(CLIENT, OUTSIDE, 72)),
-        XDP_DROP
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, OUTSIDE, 72)), XDP_DROP);
     let counted = counters(&dataplane, CLIENT);
-    assert_eq!(
-        counted.rx_dropped.not_allowed,
-        PacketCounter {
-            packets: 1,
-            bytes: 100
-        }
-    );
+    assert_eq!(counted.rx_dropped.not_allowed, PacketCounter { packets: 1, bytes: 100 });
     assert_eq!(counted.rx_packets, 0);
 }
 
 #[test]
-fn longest_prefix_decides() {
+fn allowed_block_change_applies_live() {
     let mut dataplane = enforcing_dataplane();
     let inside = Ipv4Addr::new(198, 18, 200, 1);
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(CLIENT, inside, 1)),
-        XDP_PASS
-    );
-    dataplane
-        .remove_destination(INSTANCE, "198.18.0.0/16".parse().unwrap())
-        .unwrap();
-    dataplane
-        .allow_destination(INSTANCE, "198.18.0.0/24".parse().unwrap())
-        .unwrap();
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(CLIENT, inside, 1)),
-        XDP_DROP
-    );
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)),
-        XDP_PASS
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, inside, 1)), XDP_PASS);
+    dataplane.set_instance(INSTANCE, &instance("198.18.0.0/24", false)).unwrap();
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, inside, 1)), XDP_DROP);
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)), XDP_PASS);
+    // Counters survive the rewrite of the client's record.
+    assert_eq!(counters(&dataplane, CLIENT).rx_packets, 2);
+}
+
+#[test]
+fn too_many_blocks_rejected() {
+    let mut dataplane = enforcing_dataplane();
+    let pools = (0..6).map(|n| format!("10.{n}.0.0/16").parse().unwrap()).collect();
+    let error = dataplane
+        .set_instance(INSTANCE, &InstanceSettings { pools, ..InstanceSettings::default() })
+        .unwrap_err();
+    assert_eq!(error.to_string(), "invalid pools: 6 blocks given, at most 5 allowed");
+    // The instance keeps its settings.
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)), XDP_PASS);
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, OUTSIDE, 1)), XDP_DROP);
+}
+
+#[test]
+fn client_of_unknown_instance_rejected() {
+    let mut dataplane = enforcing_dataplane();
+    let settings = ClientSettings { instance: 9, ..ClientSettings::default() };
+    let error = dataplane.add_client(Ipv4Addr::new(10, 77, 0, 9), &settings).unwrap_err();
+    assert!(error.to_string().starts_with("instance 9 not found"), "{error}");
 }
 
 #[test]
@@ -129,11 +128,7 @@ fn client_to_client_follows_instance_setting() {
     let mut dataplane = enforcing_dataplane();
     let to_peer = packet(CLIENT, PEER, 10);
     assert_eq!(run(&dataplane, Program::RxL3, &to_peer), XDP_DROP);
-    let settings = InstanceSettings {
-        client_to_client: true,
-        ..InstanceSettings::default()
-    };
-    dataplane.set_instance(INSTANCE, &settings).unwrap();
+    dataplane.set_instance(INSTANCE, &instance("198.18.0.0/16", true)).unwrap();
     assert_eq!(run(&dataplane, Program::RxL3, &to_peer), XDP_PASS);
     let counted = counters(&dataplane, CLIENT);
     assert_eq!(counted.rx_dropped.not_allowed.packets, 1);
@@ -144,23 +139,14 @@ fn client_to_client_follows_instance_setting() {
 fn spoofed_source_dropped() {
     let dataplane = enforcing_dataplane();
     let stranger = Ipv4Addr::new(10, 77, 0, 99);
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(stranger, SERVER, 72)),
-        XDP_DROP
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(stranger, SERVER, 72)), XDP_DROP);
     let spoofed = dataplane
         .interface_counters()
         .unwrap()
         .into_iter()
         .find(|c| c.kind == InterfaceKind::Spoofed)
         .expect("spoofed counter");
-    assert_eq!(
-        spoofed.counter,
-        PacketCounter {
-            packets: 1,
-            bytes: 100
-        }
-    );
+    assert_eq!(spoofed.counter, PacketCounter { packets: 1, bytes: 100 });
     assert_eq!(spoofed.direction, Direction::Rx);
 }
 
@@ -168,15 +154,11 @@ fn spoofed_source_dropped() {
 fn client_of_other_instance_is_spoofed() {
     let mut dataplane = enforcing_dataplane();
     let foreign = Ipv4Addr::new(10, 88, 0, 2);
-    let settings = ClientSettings {
-        instance: OTHER_INSTANCE,
-        ..ClientSettings::default()
-    };
+    let settings = ClientSettings { instance: OTHER_INSTANCE, ..ClientSettings::default() };
     dataplane.add_client(foreign, &settings).unwrap();
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(foreign, OUTSIDE, 1)),
-        XDP_DROP
-    );
+    // The other instance's tunnel is elsewhere; its client has no business on this one.
+    dataplane.bind_tunnel(TEST_RUN_IFINDEX + 1_000, OTHER_INSTANCE).unwrap();
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(foreign, OUTSIDE, 1)), XDP_DROP);
     assert_eq!(counters(&dataplane, foreign), ClientCounters::default());
 }
 
@@ -185,10 +167,7 @@ fn unbound_tunnel_passes_unknown() {
     let mut dataplane = enforcing_dataplane();
     dataplane.unbind_tunnel(TEST_RUN_IFINDEX).unwrap();
     let stranger = Ipv4Addr::new(10, 77, 0, 99);
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(stranger, SERVER, 72)),
-        XDP_PASS
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(stranger, SERVER, 72)), XDP_PASS);
     let counters = dataplane.interface_counters().unwrap();
     assert_eq!(counters.len(), 1);
     assert_eq!(counters[0].kind, InterfaceKind::UnknownIpv4);
@@ -197,70 +176,31 @@ fn unbound_tunnel_passes_unknown() {
 #[test]
 fn blocked_client_dropped_both_ways() {
     let mut dataplane = enforcing_dataplane();
-    let blocked = ClientSettings {
-        instance: INSTANCE,
-        blocked: true,
-        ..ClientSettings::default()
-    };
+    let blocked = ClientSettings { instance: INSTANCE, blocked: true, ..ClientSettings::default() };
     dataplane.update_client(CLIENT, &blocked).unwrap();
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 72)),
-        XDP_DROP
-    );
-    assert_eq!(
-        run(&dataplane, Program::TxL3, &packet(SERVER, CLIENT, 472)),
-        TC_ACT_SHOT
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 72)), XDP_DROP);
+    assert_eq!(run(&dataplane, Program::TxL3, &packet(SERVER, CLIENT, 472)), TC_ACT_SHOT);
     let counted = counters(&dataplane, CLIENT);
-    assert_eq!(
-        counted.rx_dropped.blocked,
-        PacketCounter {
-            packets: 1,
-            bytes: 100
-        }
-    );
-    assert_eq!(
-        counted.tx_dropped.blocked,
-        PacketCounter {
-            packets: 1,
-            bytes: 500
-        }
-    );
+    assert_eq!(counted.rx_dropped.blocked, PacketCounter { packets: 1, bytes: 100 });
+    assert_eq!(counted.tx_dropped.blocked, PacketCounter { packets: 1, bytes: 500 });
     assert_eq!(counted.rx_packets + counted.tx_packets, 0);
     // The other client of the instance is not affected.
-    assert_eq!(
-        run(&dataplane, Program::TxL3, &packet(SERVER, PEER, 1)),
-        TC_NEXT
-    );
+    assert_eq!(run(&dataplane, Program::TxL3, &packet(SERVER, PEER, 1)), TC_NEXT);
 }
 
 #[test]
 fn blocked_instance_drops_its_clients() {
     let mut dataplane = enforcing_dataplane();
-    let stopped = InstanceSettings {
-        blocked: true,
-        ..InstanceSettings::default()
-    };
+    let stopped = InstanceSettings { blocked: true, ..instance("198.18.0.0/16", false) };
     dataplane.set_instance(INSTANCE, &stopped).unwrap();
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(PEER, SERVER, 1)),
-        XDP_DROP
-    );
-    assert_eq!(
-        run(&dataplane, Program::TxL3, &packet(SERVER, CLIENT, 1)),
-        TC_ACT_SHOT
-    );
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(PEER, SERVER, 1)), XDP_DROP);
+    assert_eq!(run(&dataplane, Program::TxL3, &packet(SERVER, CLIENT, 1)), TC_ACT_SHOT);
     assert_eq!(counters(&dataplane, PEER).rx_dropped.blocked.packets, 1);
     assert_eq!(counters(&dataplane, CLIENT).tx_dropped.blocked.packets, 1);
 
     // Renewal: unblocked from the next packet on, counters kept.
-    dataplane
-        .set_instance(INSTANCE, &InstanceSettings::default())
-        .unwrap();
-    assert_eq!(
-        run(&dataplane, Program::RxL3, &packet(PEER, SERVER, 1)),
-        XDP_PASS
-    );
+    dataplane.set_instance(INSTANCE, &instance("198.18.0.0/16", false)).unwrap();
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(PEER, SERVER, 1)), XDP_PASS);
     let counted = counters(&dataplane, PEER);
     assert_eq!(counted.rx_packets, 1);
     assert_eq!(counted.rx_dropped.blocked.packets, 1);
@@ -279,24 +219,15 @@ fn rate_limit_passes_burst_exactly() {
     };
     dataplane.update_client(CLIENT, &limited).unwrap();
     let full = packet(CLIENT, SERVER, 1_472);
-    let (verdict, _) = dataplane
-        .test_run_repeated(Program::RxL3, &full, 1_000)
-        .unwrap();
+    let (verdict, _) = dataplane.test_run_repeated(Program::RxL3, &full, 1_000).unwrap();
     assert_eq!(verdict, XDP_DROP);
     let counted = counters(&dataplane, CLIENT);
     assert_eq!(counted.rx_packets, 2);
     assert_eq!(counted.rx_bytes, 3_000);
-    assert_eq!(
-        counted.rx_dropped.rate_limit,
-        PacketCounter {
-            packets: 998,
-            bytes: 1_497_000
-        }
-    );
+    assert_eq!(counted.rx_dropped.rate_limit, PacketCounter { packets: 998, bytes: 1_497_000 });
 
-    let (verdict, _) = dataplane
-        .test_run_repeated(Program::TxL3, &packet(SERVER, CLIENT, 1_472), 10)
-        .unwrap();
+    let (verdict, _) =
+        dataplane.test_run_repeated(Program::TxL3, &packet(SERVER, CLIENT, 1_472), 10).unwrap();
     assert_eq!(verdict, TC_ACT_SHOT);
     let counted = counters(&dataplane, CLIENT);
     assert_eq!(counted.tx_packets, 2);
@@ -313,20 +244,13 @@ fn rate_update_keeps_counters() {
     };
     dataplane.update_client(CLIENT, &limited).unwrap();
     let full = packet(CLIENT, SERVER, 1_472);
-    dataplane
-        .test_run_repeated(Program::RxL3, &full, 5)
-        .unwrap();
+    dataplane.test_run_repeated(Program::RxL3, &full, 5).unwrap();
     assert_eq!(counters(&dataplane, CLIENT).rx_packets, 2);
 
     // Unlimited from the next packet on; the counters go on from where they were.
-    let unlimited = ClientSettings {
-        instance: INSTANCE,
-        ..ClientSettings::default()
-    };
+    let unlimited = ClientSettings { instance: INSTANCE, ..ClientSettings::default() };
     dataplane.update_client(CLIENT, &unlimited).unwrap();
-    let (verdict, _) = dataplane
-        .test_run_repeated(Program::RxL3, &full, 5)
-        .unwrap();
+    let (verdict, _) = dataplane.test_run_repeated(Program::RxL3, &full, 5).unwrap();
     assert_eq!(verdict, XDP_PASS);
     let counted = counters(&dataplane, CLIENT);
     assert_eq!(counted.rx_packets, 7);
@@ -340,18 +264,15 @@ fn update_of_unknown_client_fails() {
     let error = dataplane
         .update_client(Ipv4Addr::new(10, 77, 0, 50), &ClientSettings::default())
         .unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "client 10.77.0.50 not found in the dataplane"
-    );
+    assert_eq!(error.to_string(), "client 10.77.0.50 not found in the dataplane");
 }
 
 #[test]
 fn instance_zero_is_rejected() {
     let mut dataplane = enforcing_dataplane();
-    let error = dataplane
-        .set_instance(0, &InstanceSettings::default())
-        .unwrap_err();
+    let error = dataplane.set_instance(0, &InstanceSettings::default()).unwrap_err();
     assert!(error.to_string().contains("instance number 0"), "{error}");
     assert!(dataplane.bind_tunnel(3, 0).is_err());
+    let error = dataplane.bind_tunnel(3, 77).unwrap_err();
+    assert!(error.to_string().starts_with("instance 77 not found"), "{error}");
 }

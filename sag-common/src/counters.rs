@@ -135,14 +135,8 @@ impl InterfaceKind {
     /// Number of kinds.
     pub const COUNT: usize = 6;
     /// All kinds, in key order.
-    pub const ALL: [Self; Self::COUNT] = [
-        Self::UnknownIpv4,
-        Self::Ipv6,
-        Self::Arp,
-        Self::Other,
-        Self::Malformed,
-        Self::Spoofed,
-    ];
+    pub const ALL: [Self; Self::COUNT] =
+        [Self::UnknownIpv4, Self::Ipv6, Self::Arp, Self::Other, Self::Malformed, Self::Spoofed];
 
     /// Returns the kind's name as it appears in the agent's output and metrics.
     pub const fn name(self) -> &'static str {
@@ -186,12 +180,7 @@ pub struct InterfaceKey {
 impl InterfaceKey {
     #[inline(always)]
     pub const fn new(ifindex: u32, direction: Direction, kind: InterfaceKind) -> Self {
-        Self {
-            ifindex,
-            direction: direction as u8,
-            kind: kind as u8,
-            padding: [0; 2],
-        }
+        Self { ifindex, direction: direction as u8, kind: kind as u8, padding: [0; 2] }
     }
 }
 
@@ -239,10 +228,7 @@ pub fn target(parsed: &Parsed, direction: Direction) -> Target {
                 Direction::Rx => header.source,
                 Direction::Tx => header.destination,
             };
-            Target::Client {
-                address,
-                bytes: u32::from(header.total_len),
-            }
+            Target::Client { address, bytes: u32::from(header.total_len) }
         }
         Parsed::Other { protocol, l3_len } => {
             let kind = match protocol {
@@ -250,15 +236,11 @@ pub fn target(parsed: &Parsed, direction: Direction) -> Target {
                 OtherProtocol::Arp => InterfaceKind::Arp,
                 OtherProtocol::Other => InterfaceKind::Other,
             };
-            Target::Interface {
-                kind,
-                bytes: l3_len,
-            }
+            Target::Interface { kind, bytes: l3_len }
         }
-        Parsed::Malformed { len, .. } => Target::Interface {
-            kind: InterfaceKind::Malformed,
-            bytes: len,
-        },
+        Parsed::Malformed { len, .. } => {
+            Target::Interface { kind: InterfaceKind::Malformed, bytes: len }
+        }
     }
 }
 
@@ -276,20 +258,14 @@ mod tests {
     use super::*;
     use crate::packet::{Ipv4Summary, Malformed};
 
-    const HEADER: Ipv4Summary = Ipv4Summary {
-        source: 0x0a4d_0002,
-        destination: 0xc612_0002,
-        total_len: 1500,
-    };
+    const HEADER: Ipv4Summary =
+        Ipv4Summary { source: 0x0a4d_0002, destination: 0xc612_0002, total_len: 1500 };
 
     #[test]
     fn rx_goes_to_source_client() {
         assert_eq!(
             target(&Parsed::Ipv4(HEADER), Direction::Rx),
-            Target::Client {
-                address: 0x0a4d_0002,
-                bytes: 1500
-            }
+            Target::Client { address: 0x0a4d_0002, bytes: 1500 }
         );
     }
 
@@ -297,10 +273,7 @@ mod tests {
     fn tx_goes_to_destination_client() {
         assert_eq!(
             target(&Parsed::Ipv4(HEADER), Direction::Tx),
-            Target::Client {
-                address: 0xc612_0002,
-                bytes: 1500
-            }
+            Target::Client { address: 0xc612_0002, bytes: 1500 }
         );
     }
 
@@ -312,29 +285,17 @@ mod tests {
             (OtherProtocol::Other, InterfaceKind::Other),
         ];
         for (protocol, kind) in cases {
-            let parsed = Parsed::Other {
-                protocol,
-                l3_len: 40,
-            };
-            assert_eq!(
-                target(&parsed, Direction::Rx),
-                Target::Interface { kind, bytes: 40 }
-            );
+            let parsed = Parsed::Other { protocol, l3_len: 40 };
+            assert_eq!(target(&parsed, Direction::Rx), Target::Interface { kind, bytes: 40 });
         }
     }
 
     #[test]
     fn malformed_goes_to_interface() {
-        let parsed = Parsed::Malformed {
-            reason: Malformed::TooShortForIp,
-            len: 0,
-        };
+        let parsed = Parsed::Malformed { reason: Malformed::TooShortForIp, len: 0 };
         assert_eq!(
             target(&parsed, Direction::Tx),
-            Target::Interface {
-                kind: InterfaceKind::Malformed,
-                bytes: 0
-            }
+            Target::Interface { kind: InterfaceKind::Malformed, bytes: 0 }
         );
     }
 
@@ -364,28 +325,10 @@ mod tests {
         counters.record_drop(Direction::Rx, DropReason::NotAllowed, 28);
         counters.record_drop(Direction::Tx, DropReason::Blocked, 1500);
         counters.record_drop(Direction::Tx, DropReason::Spoofed, 1500);
-        assert_eq!(
-            counters.rx_dropped.rate_limit,
-            PacketCounter {
-                packets: 2,
-                bytes: 150
-            }
-        );
-        assert_eq!(
-            counters.rx_dropped.not_allowed,
-            PacketCounter {
-                packets: 1,
-                bytes: 28
-            }
-        );
+        assert_eq!(counters.rx_dropped.rate_limit, PacketCounter { packets: 2, bytes: 150 });
+        assert_eq!(counters.rx_dropped.not_allowed, PacketCounter { packets: 1, bytes: 28 });
         assert_eq!(counters.rx_dropped.blocked, PacketCounter::default());
-        assert_eq!(
-            counters.tx_dropped.blocked,
-            PacketCounter {
-                packets: 1,
-                bytes: 1500
-            }
-        );
+        assert_eq!(counters.tx_dropped.blocked, PacketCounter { packets: 1, bytes: 1500 });
         assert_eq!(counters.tx_dropped.get(DropReason::Spoofed), None);
         assert_eq!(counters.rx_packets + counters.tx_packets, 0);
     }

@@ -120,10 +120,7 @@ pub fn parse_frame<P: PacketBytes + ?Sized>(packet: &P, framing: Framing) -> Par
 
 #[inline(always)]
 fn malformed<P: PacketBytes + ?Sized>(packet: &P, reason: Malformed) -> Parsed {
-    Parsed::Malformed {
-        reason,
-        len: packet.frame_len() as u32,
-    }
+    Parsed::Malformed { reason, len: packet.frame_len() as u32 }
 }
 
 #[inline(always)]
@@ -135,14 +132,8 @@ fn parse_l3<P: PacketBytes + ?Sized>(packet: &P) -> Parsed {
     };
     match header[0] >> 4 {
         4 => parse_ipv4(packet, 0),
-        6 => Parsed::Other {
-            protocol: OtherProtocol::Ipv6,
-            l3_len: packet.frame_len() as u32,
-        },
-        _ => Parsed::Other {
-            protocol: OtherProtocol::Other,
-            l3_len: packet.frame_len() as u32,
-        },
+        6 => Parsed::Other { protocol: OtherProtocol::Ipv6, l3_len: packet.frame_len() as u32 },
+        _ => Parsed::Other { protocol: OtherProtocol::Other, l3_len: packet.frame_len() as u32 },
     }
 }
 
@@ -164,19 +155,10 @@ fn parse_ethernet<P: PacketBytes + ?Sized>(packet: &P) -> Parsed {
     let l3_len = packet.frame_len().saturating_sub(l3_offset) as u32;
     match ethertype {
         ETHERTYPE_IPV4 => parse_ipv4(packet, l3_offset),
-        ETHERTYPE_IPV6 => Parsed::Other {
-            protocol: OtherProtocol::Ipv6,
-            l3_len,
-        },
-        ETHERTYPE_ARP => Parsed::Other {
-            protocol: OtherProtocol::Arp,
-            l3_len,
-        },
+        ETHERTYPE_IPV6 => Parsed::Other { protocol: OtherProtocol::Ipv6, l3_len },
+        ETHERTYPE_ARP => Parsed::Other { protocol: OtherProtocol::Arp, l3_len },
         // A second VLAN tag lands here too: sag supports one tag.
-        _ => Parsed::Other {
-            protocol: OtherProtocol::Other,
-            l3_len,
-        },
+        _ => Parsed::Other { protocol: OtherProtocol::Other, l3_len },
     }
 }
 
@@ -285,10 +267,7 @@ mod tests {
         for len in [0, 1, 10, 19] {
             assert_eq!(
                 parse_frame(&packet[..len], Framing::L3),
-                Parsed::Malformed {
-                    reason: Malformed::TooShortForIp,
-                    len: len as u32
-                },
+                Parsed::Malformed { reason: Malformed::TooShortForIp, len: len as u32 },
                 "length {len}"
             );
         }
@@ -300,10 +279,7 @@ mod tests {
         let packet = ipv4(8, 0);
         assert_eq!(
             parse_frame(&packet[..24], Framing::L3),
-            Parsed::Malformed {
-                reason: Malformed::TruncatedIpv4Header,
-                len: 24
-            }
+            Parsed::Malformed { reason: Malformed::TruncatedIpv4Header, len: 24 }
         );
     }
 
@@ -314,10 +290,7 @@ mod tests {
             packet[0] = 0x40 | ihl;
             assert_eq!(
                 parse_frame(&packet[..28], Framing::L3),
-                Parsed::Malformed {
-                    reason: Malformed::HeaderLengthTooSmall,
-                    len: 28
-                },
+                Parsed::Malformed { reason: Malformed::HeaderLengthTooSmall, len: 28 },
                 "IHL {ihl}"
             );
         }
@@ -331,20 +304,14 @@ mod tests {
         // One byte more than present.
         assert_eq!(
             parse_frame(&packet[..27], Framing::L3),
-            Parsed::Malformed {
-                reason: Malformed::BadTotalLength,
-                len: 27
-            }
+            Parsed::Malformed { reason: Malformed::BadTotalLength, len: 27 }
         );
         // Below the header length.
         let mut short = ipv4(0, 0);
         short[2..4].copy_from_slice(&19u16.to_be_bytes());
         assert_eq!(
             parse_frame(&short[..20], Framing::L3),
-            Parsed::Malformed {
-                reason: Malformed::BadTotalLength,
-                len: 20
-            }
+            Parsed::Malformed { reason: Malformed::BadTotalLength, len: 20 }
         );
         // Equal to the header length: a header with no payload.
         short[2..4].copy_from_slice(&20u16.to_be_bytes());
@@ -357,18 +324,12 @@ mod tests {
         packet[0] = 0x60;
         assert_eq!(
             parse_frame(&packet[..], Framing::L3),
-            Parsed::Other {
-                protocol: OtherProtocol::Ipv6,
-                l3_len: 48
-            }
+            Parsed::Other { protocol: OtherProtocol::Ipv6, l3_len: 48 }
         );
         packet[0] = 0x50;
         assert_eq!(
             parse_frame(&packet[..], Framing::L3),
-            Parsed::Other {
-                protocol: OtherProtocol::Other,
-                l3_len: 48
-            }
+            Parsed::Other { protocol: OtherProtocol::Other, l3_len: 48 }
         );
     }
 
@@ -400,16 +361,10 @@ mod tests {
 
     #[test]
     fn ethernet_two_vlan_tags_are_other() {
-        let frame = ethernet(
-            &[ETHERTYPE_VLAN, ETHERTYPE_VLAN, ETHERTYPE_IPV4],
-            &[0u8; 32],
-        );
+        let frame = ethernet(&[ETHERTYPE_VLAN, ETHERTYPE_VLAN, ETHERTYPE_IPV4], &[0u8; 32]);
         assert_eq!(
             parse_frame(&frame[..50], Framing::Ethernet),
-            Parsed::Other {
-                protocol: OtherProtocol::Other,
-                l3_len: 32
-            }
+            Parsed::Other { protocol: OtherProtocol::Other, l3_len: 32 }
         );
     }
 
@@ -419,20 +374,14 @@ mod tests {
         for len in [0, 1, 13, 14, 17] {
             assert_eq!(
                 parse_frame(&frame[..len], Framing::Ethernet),
-                Parsed::Malformed {
-                    reason: Malformed::TruncatedLinkHeader,
-                    len: len as u32
-                },
+                Parsed::Malformed { reason: Malformed::TruncatedLinkHeader, len: len as u32 },
                 "length {len}"
             );
         }
         let untagged = ethernet(&[ETHERTYPE_IPV4], &ipv4(0, 8)[..28]);
         assert_eq!(
             parse_frame(&untagged[..33], Framing::Ethernet),
-            Parsed::Malformed {
-                reason: Malformed::TruncatedIpv4Header,
-                len: 33
-            }
+            Parsed::Malformed { reason: Malformed::TruncatedIpv4Header, len: 33 }
         );
     }
 
@@ -443,10 +392,7 @@ mod tests {
         let frame = ethernet(&[ETHERTYPE_IPV4], &packet[..28]);
         assert_eq!(
             parse_frame(&frame[..42], Framing::Ethernet),
-            Parsed::Malformed {
-                reason: Malformed::WrongVersion,
-                len: 42
-            }
+            Parsed::Malformed { reason: Malformed::WrongVersion, len: 42 }
         );
     }
 
@@ -455,26 +401,17 @@ mod tests {
         let frame = ethernet(&[ETHERTYPE_IPV6], &[0x60; 40]);
         assert_eq!(
             parse_frame(&frame[..54], Framing::Ethernet),
-            Parsed::Other {
-                protocol: OtherProtocol::Ipv6,
-                l3_len: 40
-            }
+            Parsed::Other { protocol: OtherProtocol::Ipv6, l3_len: 40 }
         );
         let frame = ethernet(&[ETHERTYPE_ARP], &[0; 28]);
         assert_eq!(
             parse_frame(&frame[..42], Framing::Ethernet),
-            Parsed::Other {
-                protocol: OtherProtocol::Arp,
-                l3_len: 28
-            }
+            Parsed::Other { protocol: OtherProtocol::Arp, l3_len: 28 }
         );
         let frame = ethernet(&[ETHERTYPE_VLAN, ETHERTYPE_ARP], &[0; 28]);
         assert_eq!(
             parse_frame(&frame[..46], Framing::Ethernet),
-            Parsed::Other {
-                protocol: OtherProtocol::Arp,
-                l3_len: 28
-            }
+            Parsed::Other { protocol: OtherProtocol::Arp, l3_len: 28 }
         );
     }
 }

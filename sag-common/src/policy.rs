@@ -21,12 +21,20 @@ pub const DEFAULT_BURST_MS: u64 = 500;
 /// Picoseconds per second, the unit of [`RateLimit::picos_per_byte`].
 const PICOS_PER_SECOND: u64 = 1_000_000_000_000;
 
-/// Client flag: the account is disabled, so all its packets are dropped.
+/// Client flag: the account is disabled.
 pub const CLIENT_BLOCKED: u32 = 1;
-/// Instance flag: the instance is stopped or locked, so all its clients' packets are dropped.
-pub const INSTANCE_BLOCKED: u32 = 1;
-/// Instance flag: clients of the instance may reach each other.
-pub const INSTANCE_CLIENT_TO_CLIENT: u32 = 2;
+/// Client flag: the client's instance is stopped or locked.
+pub const INSTANCE_BLOCKED: u32 = 2;
+/// Client flag: the client may reach other clients of its instance.
+pub const CLIENT_TO_CLIENT: u32 = 4;
+/// Client flag: the client may reach only its instance's allowed destinations (and, with
+/// [`CLIENT_TO_CLIENT`], its instance's clients). Without it, any destination.
+pub const ENFORCE_DESTINATIONS: u32 = 8;
+
+/// Most private CIDR blocks an instance has for client addresses.
+pub const MAX_POOL_BLOCKS: usize = 5;
+/// Most allowed destination blocks an instance has.
+pub const MAX_ALLOWED_DESTINATIONS: usize = 32;
 
 /// A token bucket, stored as the time it takes to send one byte and the depth as time.
 /// All zero means unlimited.
@@ -41,10 +49,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// No limit.
-    pub const UNLIMITED: Self = Self {
-        picos_per_byte: 0,
-        burst_ns: 0,
-    };
+    pub const UNLIMITED: Self = Self { picos_per_byte: 0, burst_ns: 0 };
 
     /// Builds a limit of `rate_kbps` kbit/s with a bucket of `burst_bytes` bytes. A rate of 0
     /// means unlimited.
@@ -54,10 +59,7 @@ impl RateLimit {
         }
         let bytes_per_second = rate_kbps as u64 * 1_000 / 8;
         let picos_per_byte = PICOS_PER_SECOND / bytes_per_second;
-        Self {
-            picos_per_byte,
-            burst_ns: burst_bytes * picos_per_byte / 1_000,
-        }
+        Self { picos_per_byte, burst_ns: burst_bytes * picos_per_byte / 1_000 }
     }
 
     /// Builds a limit of `rate_kbps` kbit/s with the default burst for that rate.
@@ -108,64 +110,85 @@ pub fn admit(tat_ns: u64, now_ns: u64, limit: &RateLimit, bytes: u64) -> Option<
     Some(next)
 }
 
-/// A client address's record, written by the agent and read (the buckets also written) by
-/// the programs.
+/// An IPv4 CIDR block as network and mask, host-order integers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Block {
+    pub network: u32,
+    pub mask: u32,
+}
+
+impl Block {
+    /// Builds the block of `prefix_len` bits around `address`; host bits are cleared.
+    pub const fn new(address: u32, prefix_len: u8) -> Self {
+        let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len as u32) };
+        Self { network: address & mask, mask }
+    }
+
+    /// Returns whether the block contains `address`.
+    #[inline(always)]
+    pub const fn contains(&self, address: u32) -> bool {
+        address & self.mask == self.network
+    }
+}
+
+/// Returns whether one of the first `count` blocks contains `address`. The loop is bounded by
+/// the array length, as the verifier requires.
+#[inline(always)]
+pub fn any_contains<const N: usize>(blocks: &[Block; N], count: u32, address: u32) -> bool {
+    let mut index = 0;
+    while index < N {
+        if index as u32 >= count {
+            return false;
+        }
+        if blocks[index].contains(address) {
+            return true;
+        }
+        index += 1;
+    }
+    false
+}
+
+/// A client address's record: the client's own settings and a copy of its instance's, so that
+/// the programs find all they need with one lookup. The agent writes it whole; the programs
+/// only move the two bucket timestamps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Client {
-    /// Kernel number of the client's instance; 0 for a client of no instance, which no
-    /// destination policy applies to.
+    /// Index of the client's per-CPU counters.
+    pub slot: u32,
+    /// Kernel number of the client's instance; 0 for none.
     pub instance: u32,
-    /// [`CLIENT_BLOCKED`] or 0.
+    /// [`CLIENT_BLOCKED`], [`INSTANCE_BLOCKED`], [`CLIENT_TO_CLIENT`],
+    /// [`ENFORCE_DESTINATIONS`].
     pub flags: u32,
+    /// Ifindex of the tunnel the instance is bound to; 0 for none.
+    pub tunnel_ifindex: u32,
     /// Limit on traffic from the client.
     pub rx: RateLimit,
     /// Limit on traffic to the client.
     pub tx: RateLimit,
-    /// Theoretical arrival time of the rx bucket, in `bpf_ktime_get_ns` nanoseconds.
+    /// Theoretical arrival time of the rx bucket, in `bpf_ktime_get_coarse_ns` nanoseconds.
     pub rx_tat_ns: u64,
     /// Theoretical arrival time of the tx bucket.
     pub tx_tat_ns: u64,
+    /// Number of valid entries in `pools`.
+    pub pool_count: u32,
+    /// Number of valid entries in `allowed`.
+    pub allowed_count: u32,
+    /// The instance's client address blocks.
+    pub pools: [Block; MAX_POOL_BLOCKS],
+    /// The instance's allowed destination blocks.
+    pub allowed: [Block; MAX_ALLOWED_DESTINATIONS],
 }
 
-/// An instance's record.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Instance {
-    /// [`INSTANCE_BLOCKED`], [`INSTANCE_CLIENT_TO_CLIENT`], or both.
-    pub flags: u32,
-    /// Always zero.
-    pub padding: u32,
-}
-
-/// A tunnel interface's record, keyed by ifindex.
+/// A tunnel interface's record, keyed by ifindex: only consulted for packets whose source is
+/// not a client of the tunnel, to tell spoofed from unknown.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tunnel {
     /// Kernel number of the instance whose clients use this tunnel.
     pub instance: u32,
-}
-
-/// Key of the allowed-destinations trie: the instance number, then the IPv4 address, both in
-/// network byte order, with a prefix length of 32 plus the CIDR prefix, so that the lookup
-/// matches the instance exactly and the address by longest prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DestinationKey {
-    pub instance: [u8; 4],
-    pub address: [u8; 4],
-}
-
-impl DestinationKey {
-    /// Bits of the key that the instance takes.
-    pub const INSTANCE_BITS: u32 = 32;
-
-    pub const fn new(instance: u32, address: u32) -> Self {
-        Self {
-            instance: instance.to_be_bytes(),
-            address: address.to_be_bytes(),
-        }
-    }
 }
 
 /// Why a packet was dropped.
@@ -186,12 +209,8 @@ impl DropReason {
     /// Number of reasons.
     pub const COUNT: usize = 4;
     /// All reasons.
-    pub const ALL: [Self; Self::COUNT] = [
-        Self::RateLimit,
-        Self::Blocked,
-        Self::NotAllowed,
-        Self::Spoofed,
-    ];
+    pub const ALL: [Self; Self::COUNT] =
+        [Self::RateLimit, Self::Blocked, Self::NotAllowed, Self::Spoofed];
 
     /// Returns the reason's name as it appears in the agent's output and metrics.
     pub const fn name(self) -> &'static str {
@@ -207,7 +226,7 @@ impl DropReason {
 /// Who a packet's source is, seen from the tunnel it arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// A client of the tunnel's instance, or any client on a tunnel bound to no instance.
+    /// A client of the tunnel's instance, or a client of no bound tunnel on an unbound one.
     Client,
     /// Not a client, on a tunnel bound to no instance: counted as unknown and passed.
     Unknown,
@@ -215,42 +234,68 @@ pub enum Source {
     Spoofed,
 }
 
-/// Classifies a source address: `tunnel_instance` is the instance the tunnel is bound to, if
-/// any, and `client_instance` the instance of the client with that address, if there is one.
+/// Classifies the source of a packet that arrived on tunnel `ifindex`. `client_tunnel` is the
+/// tunnel ifindex in the source's client record, if the source is a client (0 when the
+/// client's instance has no tunnel). `arrival_bound` tells whether the tunnel is bound to an
+/// instance; it costs a lookup, so it is called only when the answer depends on it.
 #[inline(always)]
-pub fn classify_source(tunnel_instance: Option<u32>, client_instance: Option<u32>) -> Source {
-    match (tunnel_instance, client_instance) {
-        (None, Some(_)) => Source::Client,
-        (None, None) => Source::Unknown,
-        (Some(tunnel), Some(client)) if tunnel == client => Source::Client,
-        (Some(_), _) => Source::Spoofed,
+pub fn classify_source(
+    client_tunnel: Option<u32>,
+    ifindex: u32,
+    arrival_bound: impl FnOnce() -> bool,
+) -> Source {
+    match client_tunnel {
+        Some(tunnel) if tunnel != 0 && tunnel == ifindex => Source::Client,
+        Some(0) => {
+            if arrival_bound() {
+                Source::Spoofed
+            } else {
+                Source::Client
+            }
+        }
+        Some(_) => Source::Spoofed,
+        None => {
+            if arrival_bound() {
+                Source::Spoofed
+            } else {
+                Source::Unknown
+            }
+        }
     }
 }
 
 /// What the destination of a client's packet is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destination {
-    /// Another client of the same instance.
-    SameInstanceClient,
+    /// Inside one of the client's instance's address blocks: another client.
+    SameInstance,
     /// Inside one of the instance's allowed destination blocks.
     Allowed,
     /// Anything else.
     Other,
 }
 
-/// Returns whether a client of an instance with `instance_flags` may send to `destination`.
-/// `policy_applies` is false for a client of no instance, which may send anywhere.
+/// Classifies the destination of a packet from `client`. The instance's own blocks come first,
+/// so that the client-to-client setting decides for them even if an allowed block covers them.
 #[inline(always)]
-pub fn destination_allowed(
-    policy_applies: bool,
-    instance_flags: u32,
-    destination: Destination,
-) -> bool {
-    if !policy_applies {
+pub fn classify_destination(client: &Client, destination: u32) -> Destination {
+    if any_contains(&client.pools, client.pool_count, destination) {
+        Destination::SameInstance
+    } else if any_contains(&client.allowed, client.allowed_count, destination) {
+        Destination::Allowed
+    } else {
+        Destination::Other
+    }
+}
+
+/// Returns whether a client with `flags` may send to `destination`.
+#[inline(always)]
+pub fn destination_allowed(flags: u32, destination: Destination) -> bool {
+    if flags & ENFORCE_DESTINATIONS == 0 {
         return true;
     }
     match destination {
-        Destination::SameInstanceClient => instance_flags & INSTANCE_CLIENT_TO_CLIENT != 0,
+        Destination::SameInstance => flags & CLIENT_TO_CLIENT != 0,
         Destination::Allowed => true,
         Destination::Other => false,
     }
@@ -258,8 +303,8 @@ pub fn destination_allowed(
 
 /// Returns whether a client's packets are dropped as blocked.
 #[inline(always)]
-pub const fn is_blocked(client_flags: u32, instance_flags: u32) -> bool {
-    client_flags & CLIENT_BLOCKED != 0 || instance_flags & INSTANCE_BLOCKED != 0
+pub const fn is_blocked(flags: u32) -> bool {
+    flags & (CLIENT_BLOCKED | INSTANCE_BLOCKED) != 0
 }
 
 #[cfg(feature = "user")]
@@ -267,9 +312,7 @@ mod pod {
     // SAFETY: each type is `repr(C)`, made only of integers and byte arrays, with no implicit
     // padding.
     unsafe impl aya::Pod for super::Client {}
-    unsafe impl aya::Pod for super::Instance {}
     unsafe impl aya::Pod for super::Tunnel {}
-    unsafe impl aya::Pod for super::DestinationKey {}
 }
 
 #[cfg(test)]
@@ -289,15 +332,9 @@ mod tests {
     fn rate_edges() {
         assert!(RateLimit::new(0, 3_000).is_unlimited());
         // 1 kbit/s: 125 bytes a second, 8 ms a byte.
-        assert_eq!(
-            RateLimit::new(MIN_BANDWIDTH_KBPS, 1).picos_per_byte,
-            8_000_000_000
-        );
+        assert_eq!(RateLimit::new(MIN_BANDWIDTH_KBPS, 1).picos_per_byte, 8_000_000_000);
         // 2,000 kbit/s: 250,000 bytes a second, 4 microseconds a byte.
-        assert_eq!(
-            RateLimit::new(MAX_ACCOUNT_BANDWIDTH_KBPS, 1).picos_per_byte,
-            4_000_000
-        );
+        assert_eq!(RateLimit::new(MAX_ACCOUNT_BANDWIDTH_KBPS, 1).picos_per_byte, 4_000_000);
         // 10 Gbit/s: 800 picoseconds a byte; a 1,500-byte packet takes 1.2 microseconds.
         let fastest = RateLimit::new(MAX_BOX_BANDWIDTH_KBPS, 1_500);
         assert_eq!(fastest.picos_per_byte, 800);
@@ -370,40 +407,81 @@ mod tests {
 
     #[test]
     fn source_classification() {
-        assert_eq!(classify_source(None, Some(3)), Source::Client);
-        assert_eq!(classify_source(None, None), Source::Unknown);
-        assert_eq!(classify_source(Some(3), Some(3)), Source::Client);
-        assert_eq!(classify_source(Some(3), Some(4)), Source::Spoofed);
-        assert_eq!(classify_source(Some(3), None), Source::Spoofed);
+        let bound = || true;
+        let unbound = || false;
+        assert_eq!(classify_source(Some(7), 7, bound), Source::Client);
+        assert_eq!(classify_source(Some(7), 8, bound), Source::Spoofed);
+        assert_eq!(classify_source(Some(7), 8, unbound), Source::Spoofed);
+        assert_eq!(classify_source(Some(0), 8, unbound), Source::Client);
+        assert_eq!(classify_source(Some(0), 8, bound), Source::Spoofed);
+        assert_eq!(classify_source(None, 8, unbound), Source::Unknown);
+        assert_eq!(classify_source(None, 8, bound), Source::Spoofed);
+    }
+
+    #[test]
+    fn source_classification_skips_lookup_for_own_tunnel() {
+        let lookup = || panic!("the tunnel lookup must not run");
+        assert_eq!(classify_source(Some(7), 7, lookup), Source::Client);
+    }
+
+    #[test]
+    fn block_edges() {
+        let block = Block::new(0x0a4d_0005, 24);
+        assert_eq!(block, Block { network: 0x0a4d_0000, mask: 0xffff_ff00 });
+        assert!(block.contains(0x0a4d_0000));
+        assert!(block.contains(0x0a4d_00ff));
+        assert!(!block.contains(0x0a4d_0100));
+        assert!(!block.contains(0x0a4c_ffff));
+        assert!(Block::new(0xc0a8_0101, 0).contains(0x0102_0304));
+        let host = Block::new(0xc0a8_0101, 32);
+        assert!(host.contains(0xc0a8_0101));
+        assert!(!host.contains(0xc0a8_0102));
+    }
+
+    #[test]
+    fn any_contains_respects_count() {
+        let mut blocks = [Block::default(); 3];
+        blocks[0] = Block::new(0x0a00_0000, 8);
+        blocks[1] = Block::new(0xc612_0000, 16);
+        assert!(any_contains(&blocks, 2, 0xc612_0102));
+        assert!(!any_contains(&blocks, 1, 0xc612_0102));
+        // The zeroed third entry would match everything, but lies beyond the count.
+        assert!(!any_contains(&blocks, 2, 0x0102_0304));
+        assert!(any_contains(&blocks, 3, 0x0102_0304));
+        assert!(!any_contains(&blocks, 0, 0x0a00_0001));
+    }
+
+    fn client_with_policy(flags: u32) -> Client {
+        let mut client = Client { flags, pool_count: 1, allowed_count: 2, ..Client::default() };
+        client.pools[0] = Block::new(0x0a4d_0000, 24);
+        client.allowed[0] = Block::new(0xc612_0000, 24);
+        // An allowed block that also covers the pool: the client-to-client setting still wins.
+        client.allowed[1] = Block::new(0x0a00_0000, 8);
+        client
     }
 
     #[test]
     fn destination_rules() {
-        assert!(destination_allowed(false, 0, Destination::Other));
-        assert!(destination_allowed(true, 0, Destination::Allowed));
-        assert!(!destination_allowed(true, 0, Destination::Other));
-        assert!(!destination_allowed(
-            true,
-            0,
-            Destination::SameInstanceClient
-        ));
-        assert!(destination_allowed(
-            true,
-            INSTANCE_CLIENT_TO_CLIENT,
-            Destination::SameInstanceClient
-        ));
-        assert!(!destination_allowed(
-            true,
-            INSTANCE_CLIENT_TO_CLIENT,
-            Destination::Other
-        ));
+        let enforced = client_with_policy(ENFORCE_DESTINATIONS);
+        assert_eq!(classify_destination(&enforced, 0x0a4d_0003), Destination::SameInstance);
+        assert_eq!(classify_destination(&enforced, 0xc612_0002), Destination::Allowed);
+        assert_eq!(classify_destination(&enforced, 0x0a01_0001), Destination::Allowed);
+        assert_eq!(classify_destination(&enforced, 0xcb00_7107), Destination::Other);
+        assert!(destination_allowed(ENFORCE_DESTINATIONS, Destination::Allowed));
+        assert!(!destination_allowed(ENFORCE_DESTINATIONS, Destination::Other));
+        assert!(!destination_allowed(ENFORCE_DESTINATIONS, Destination::SameInstance));
+        let with_peers = ENFORCE_DESTINATIONS | CLIENT_TO_CLIENT;
+        assert!(destination_allowed(with_peers, Destination::SameInstance));
+        assert!(!destination_allowed(with_peers, Destination::Other));
+        assert!(destination_allowed(0, Destination::Other));
+        assert!(destination_allowed(0, Destination::SameInstance));
     }
 
     #[test]
     fn blocked_by_client_or_instance() {
-        assert!(!is_blocked(0, 0));
-        assert!(is_blocked(CLIENT_BLOCKED, 0));
-        assert!(is_blocked(0, INSTANCE_BLOCKED));
-        assert!(!is_blocked(0, INSTANCE_CLIENT_TO_CLIENT));
+        assert!(!is_blocked(0));
+        assert!(is_blocked(CLIENT_BLOCKED));
+        assert!(is_blocked(INSTANCE_BLOCKED));
+        assert!(!is_blocked(CLIENT_TO_CLIENT | ENFORCE_DESTINATIONS));
     }
 }

@@ -2,32 +2,32 @@
 
 use core::intrinsics::{atomic_cxchg, AtomicOrdering};
 
-use crate::access::{TcPacket, XdpPacket};
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS},
         BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{classifier, map, xdp},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{TcContext, XdpContext},
 };
 use sag_common::{
     counters::{
         target, ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter, Target,
     },
-    packet::{parse_frame, Framing, Ipv4Summary, Parsed},
+    packet::{parse_frame, Framing, Parsed},
     policy::{
-        admit, classify_source, destination_allowed, is_blocked, Client, Destination,
-        DestinationKey, DropReason, Instance, RateLimit, Source, Tunnel,
+        admit, classify_destination, classify_source, destination_allowed, is_blocked, Client,
+        DropReason, RateLimit, Source, Tunnel, ENFORCE_DESTINATIONS,
     },
-    MAX_CLIENTS, MAX_DESTINATIONS, MAX_INSTANCES, MAX_INTERFACE_COUNTERS,
+    MAX_CLIENTS, MAX_INTERFACE_COUNTERS, MAX_TUNNELS,
 };
 
+use crate::access::{TcPacket, XdpPacket};
+
 #[map(name = "SAG_CLIENT_COUNTERS")]
-static CLIENT_COUNTERS: PerCpuHashMap<u32, ClientCounters> =
-    PerCpuHashMap::with_max_entries(MAX_CLIENTS, 0);
+static CLIENT_COUNTERS: PerCpuArray<ClientCounters> = PerCpuArray::with_max_entries(MAX_CLIENTS, 0);
 
 #[map(name = "SAG_INTERFACE_COUNTERS")]
 static INTERFACE_COUNTERS: PerCpuHashMap<InterfaceKey, PacketCounter> =
@@ -36,14 +36,8 @@ static INTERFACE_COUNTERS: PerCpuHashMap<InterfaceKey, PacketCounter> =
 #[map(name = "SAG_CLIENTS")]
 static CLIENTS: HashMap<u32, Client> = HashMap::with_max_entries(MAX_CLIENTS, 0);
 
-#[map(name = "SAG_INSTANCES")]
-static INSTANCES: HashMap<u32, Instance> = HashMap::with_max_entries(MAX_INSTANCES, 0);
-
 #[map(name = "SAG_TUNNELS")]
-static TUNNELS: HashMap<u32, Tunnel> = HashMap::with_max_entries(MAX_INSTANCES, 0);
-
-#[map(name = "SAG_DESTINATIONS")]
-static DESTINATIONS: LpmTrie<DestinationKey, u8> = LpmTrie::with_max_entries(MAX_DESTINATIONS, 0);
+static TUNNELS: HashMap<u32, Tunnel> = HashMap::with_max_entries(MAX_TUNNELS, 0);
 
 /// Compare-and-swap attempts on a shared token bucket before the packet is dropped. Each
 /// failure means another CPU took tokens from the same bucket in the meantime.
@@ -51,22 +45,36 @@ const BUCKET_ATTEMPTS: u32 = 4;
 
 #[xdp]
 pub fn sag_rx_l3(ctx: XdpContext) -> u32 {
-    rx(&ctx, Framing::L3)
+    xdp_verdict(enforce_rx(
+        ctx.ingress_ifindex() as u32,
+        &parse_frame(&XdpPacket(&ctx), Framing::L3),
+    ))
 }
 
 #[xdp]
 pub fn sag_rx_ethernet(ctx: XdpContext) -> u32 {
-    rx(&ctx, Framing::Ethernet)
+    let parsed = parse_frame(&XdpPacket(&ctx), Framing::Ethernet);
+    xdp_verdict(enforce_rx(ctx.ingress_ifindex() as u32, &parsed))
+}
+
+#[classifier]
+pub fn sag_rx_l3_tc(ctx: TcContext) -> i32 {
+    tc_verdict(enforce_rx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::L3)))
+}
+
+#[classifier]
+pub fn sag_rx_ethernet_tc(ctx: TcContext) -> i32 {
+    tc_verdict(enforce_rx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::Ethernet)))
 }
 
 #[classifier]
 pub fn sag_tx_l3(ctx: TcContext) -> i32 {
-    tx(&ctx, Framing::L3)
+    tc_verdict(enforce_tx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::L3)))
 }
 
 #[classifier]
 pub fn sag_tx_ethernet(ctx: TcContext) -> i32 {
-    tx(&ctx, Framing::Ethernet)
+    tc_verdict(enforce_tx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::Ethernet)))
 }
 
 /// What the programs do with a packet.
@@ -76,29 +84,30 @@ enum Verdict {
 }
 
 #[inline(always)]
-fn rx(ctx: &XdpContext, framing: Framing) -> u32 {
-    let parsed = parse_frame(&XdpPacket(ctx), framing);
-    match enforce_rx(ctx.ingress_ifindex() as u32, &parsed) {
+fn xdp_verdict(verdict: Verdict) -> u32 {
+    match verdict {
         Verdict::Pass => XDP_PASS,
         Verdict::Drop => XDP_DROP,
     }
 }
 
 #[inline(always)]
-fn tx(ctx: &TcContext, framing: Framing) -> i32 {
-    let parsed = parse_frame(&TcPacket(ctx), framing);
-    // SAFETY: the context's socket buffer is valid for the program's run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match enforce_tx(ifindex, &parsed) {
+fn tc_verdict(verdict: Verdict) -> i32 {
+    match verdict {
         // No verdict: the next program on the hook decides, and the packet passes if none.
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT as i32,
     }
 }
 
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's socket buffer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
 /// Checks and counts a packet from the tunnel: its source must be a client of the tunnel's
-/// instance, neither it nor its instance blocked, its destination allowed, and its size within
-/// the client's rx bucket.
+/// instance, not blocked, its destination allowed, and its size within the client's rx bucket.
 #[inline(always)]
 fn enforce_rx(ifindex: u32, parsed: &Parsed) -> Verdict {
     let header = match parsed {
@@ -106,14 +115,12 @@ fn enforce_rx(ifindex: u32, parsed: &Parsed) -> Verdict {
         _ => return count_other(ifindex, Direction::Rx, parsed),
     };
     let bytes = u64::from(header.total_len);
-    let tunnel_instance = TUNNELS
-        .get_ptr(ifindex)
-        .map(|tunnel| unsafe { (*tunnel).instance });
     let client = CLIENTS.get_ptr_mut(header.source);
-    // SAFETY (here and below): map values stay valid for the program's run, and the agent
+    // SAFETY (here and below): a map value stays valid for the program's run, and the agent
     // replaces a client record whole rather than writing into it.
-    let client_instance = client.map(|client| unsafe { (*client).instance });
-    let client = match (classify_source(tunnel_instance, client_instance), client) {
+    let client_tunnel = client.map(|client| unsafe { (*client).tunnel_ifindex });
+    let arrival_bound = || TUNNELS.get_ptr(ifindex).is_some();
+    let client = match (classify_source(client_tunnel, ifindex, arrival_bound), client) {
         (Source::Client, Some(client)) => client,
         (Source::Spoofed, _) => {
             count_interface(
@@ -128,25 +135,20 @@ fn enforce_rx(ifindex: u32, parsed: &Parsed) -> Verdict {
             return Verdict::Pass;
         }
     };
-    let (instance, flags) = unsafe { ((*client).instance, (*client).flags) };
-    let instance_record = INSTANCES.get_ptr(instance);
-    let instance_flags = instance_record.map_or(0, |record| unsafe { (*record).flags });
-    if is_blocked(flags, instance_flags) {
-        return drop_client(header.source, Direction::Rx, DropReason::Blocked, bytes);
+    let record = unsafe { &*client };
+    if is_blocked(record.flags) {
+        return drop_client(record.slot, Direction::Rx, DropReason::Blocked, bytes);
     }
-    let destination = if instance_record.is_some() {
-        classify_destination(instance, &header)
-    } else {
-        Destination::Other
-    };
-    if !destination_allowed(instance_record.is_some(), instance_flags, destination) {
-        return drop_client(header.source, Direction::Rx, DropReason::NotAllowed, bytes);
+    if record.flags & ENFORCE_DESTINATIONS != 0 {
+        let destination = classify_destination(record, header.destination);
+        if !destination_allowed(record.flags, destination) {
+            return drop_client(record.slot, Direction::Rx, DropReason::NotAllowed, bytes);
+        }
     }
-    let limit = unsafe { &(*client).rx };
-    if !take_tokens(unsafe { &mut (*client).rx_tat_ns }, limit, bytes) {
-        return drop_client(header.source, Direction::Rx, DropReason::RateLimit, bytes);
+    if !take_tokens(unsafe { &mut (*client).rx_tat_ns }, &record.rx, bytes) {
+        return drop_client(record.slot, Direction::Rx, DropReason::RateLimit, bytes);
     }
-    count_client(header.source, Direction::Rx, bytes);
+    count_client(record.slot, Direction::Rx, bytes);
     Verdict::Pass
 }
 
@@ -166,48 +168,15 @@ fn enforce_tx(ifindex: u32, parsed: &Parsed) -> Verdict {
         );
         return Verdict::Pass;
     };
-    let (instance, flags) = unsafe { ((*client).instance, (*client).flags) };
-    let instance_flags = INSTANCES
-        .get_ptr(instance)
-        .map_or(0, |record| unsafe { (*record).flags });
-    if is_blocked(flags, instance_flags) {
-        return drop_client(
-            header.destination,
-            Direction::Tx,
-            DropReason::Blocked,
-            bytes,
-        );
+    let record = unsafe { &*client };
+    if is_blocked(record.flags) {
+        return drop_client(record.slot, Direction::Tx, DropReason::Blocked, bytes);
     }
-    let limit = unsafe { &(*client).tx };
-    if !take_tokens(unsafe { &mut (*client).tx_tat_ns }, limit, bytes) {
-        return drop_client(
-            header.destination,
-            Direction::Tx,
-            DropReason::RateLimit,
-            bytes,
-        );
+    if !take_tokens(unsafe { &mut (*client).tx_tat_ns }, &record.tx, bytes) {
+        return drop_client(record.slot, Direction::Tx, DropReason::RateLimit, bytes);
     }
-    count_client(header.destination, Direction::Tx, bytes);
+    count_client(record.slot, Direction::Tx, bytes);
     Verdict::Pass
-}
-
-/// Classifies the destination of a packet from a client of `instance`.
-#[inline(always)]
-fn classify_destination(instance: u32, header: &Ipv4Summary) -> Destination {
-    if let Some(peer) = CLIENTS.get_ptr(header.destination) {
-        if unsafe { (*peer).instance } == instance {
-            return Destination::SameInstanceClient;
-        }
-    }
-    let key = Key::new(
-        DestinationKey::INSTANCE_BITS + 32,
-        DestinationKey::new(instance, header.destination),
-    );
-    if DESTINATIONS.get(key).is_some() {
-        Destination::Allowed
-    } else {
-        Destination::Other
-    }
 }
 
 /// Takes `bytes` worth of tokens from a bucket shared by all CPUs, or returns false if they
@@ -217,8 +186,11 @@ fn take_tokens(tat_ns: *mut u64, limit: &RateLimit, bytes: u64) -> bool {
     if limit.is_unlimited() {
         return true;
     }
+    // The coarse clock ticks with the scheduler (every 1-10 ms) but costs a fraction of the
+    // precise one. Buckets hold at least 2 full packets (500 ms at the default), so a tick's
+    // delay changes no verdict over time, only which packet inside the tick gets it.
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     for _ in 0..BUCKET_ATTEMPTS {
         // A plain 8-byte load is atomic on BPF; LLVM cannot select an atomic load instruction
         // for cpu v3. The compare-and-swap below catches any value that changed meanwhile.
@@ -243,17 +215,14 @@ fn take_tokens(tat_ns: *mut u64, limit: &RateLimit, bytes: u64) -> bool {
 #[inline(always)]
 fn count_other(ifindex: u32, direction: Direction, parsed: &Parsed) -> Verdict {
     if let Target::Interface { kind, bytes } = target(parsed, direction) {
-        count_interface(
-            InterfaceKey::new(ifindex, direction, kind),
-            u64::from(bytes),
-        );
+        count_interface(InterfaceKey::new(ifindex, direction, kind), u64::from(bytes));
     }
     Verdict::Pass
 }
 
 #[inline(always)]
-fn count_client(address: u32, direction: Direction, bytes: u64) {
-    if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(address) {
+fn count_client(slot: u32, direction: Direction, bytes: u64) {
+    if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU value is only touched by this CPU, and programs do not nest on one
         // CPU for the same hook.
         unsafe { (*counters).record(direction, bytes) };
@@ -261,8 +230,8 @@ fn count_client(address: u32, direction: Direction, bytes: u64) {
 }
 
 #[inline(always)]
-fn drop_client(address: u32, direction: Direction, reason: DropReason, bytes: u64) -> Verdict {
-    if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(address) {
+fn drop_client(slot: u32, direction: Direction, reason: DropReason, bytes: u64) -> Verdict {
+    if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: as in `count_client`.
         unsafe { (*counters).record_drop(direction, reason, bytes) };
     }
@@ -279,10 +248,7 @@ fn count_interface(key: InterfaceKey, bytes: u64) {
     // The first packet of this key. If another CPU inserts it first, the insert fails and this
     // CPU's slot of the new entry is found on the second lookup.
     let first = PacketCounter { packets: 1, bytes };
-    if INTERFACE_COUNTERS
-        .insert(key, first, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
+    if INTERFACE_COUNTERS.insert(key, first, u64::from(BPF_NOEXIST)).is_ok() {
         return;
     }
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {

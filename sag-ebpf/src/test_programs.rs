@@ -43,22 +43,22 @@ mod programs {
     }
 
     #[xdp]
-    pub fn sag_baseline_rx_l3(ctx: XdpContext) -> u32 {
+    pub fn sag_baseline_xdp_l3(ctx: XdpContext) -> u32 {
         baseline_xdp(&ctx, Framing::L3)
     }
 
     #[xdp]
-    pub fn sag_baseline_rx_ethernet(ctx: XdpContext) -> u32 {
+    pub fn sag_baseline_xdp_ethernet(ctx: XdpContext) -> u32 {
         baseline_xdp(&ctx, Framing::Ethernet)
     }
 
     #[classifier]
-    pub fn sag_baseline_tx_l3(ctx: TcContext) -> i32 {
+    pub fn sag_baseline_tc_l3(ctx: TcContext) -> i32 {
         baseline_tc(&ctx, Framing::L3)
     }
 
     #[classifier]
-    pub fn sag_baseline_tx_ethernet(ctx: TcContext) -> i32 {
+    pub fn sag_baseline_tc_ethernet(ctx: TcContext) -> i32 {
         baseline_tc(&ctx, Framing::Ethernet)
     }
 

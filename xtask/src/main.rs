@@ -64,9 +64,7 @@ fn require_root(job: &str) -> Result<()> {
 /// Runs a command from the workspace root and fails if it exits non-zero.
 fn run(command: &mut Command) -> Result<()> {
     command.current_dir(workspace_root());
-    let status = command
-        .status()
-        .with_context(|| format!("failed to start {command:?}"))?;
+    let status = command.status().with_context(|| format!("failed to start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }

@@ -35,18 +35,13 @@ pub fn run(options: &Options) -> Result<()> {
     ]))?;
 
     let mut cargo_test = Command::new("cargo");
-    cargo_test
-        .args(["test", "--workspace"])
-        .args(&options.cargo_test_args);
+    cargo_test.args(["test", "--workspace"]).args(&options.cargo_test_args);
     let totals = run_counting(&mut cargo_test)?;
     // One closing line for the whole run: cargo prints one per test binary, the last often
     // for a crate without doc tests.
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     if totals.ignored > 0 {
-        bail!(
-            "{} tests were ignored; every test, kernel tests included, must run",
-            totals.ignored
-        );
+        bail!("{} tests were ignored; every test, kernel tests included, must run", totals.ignored);
     }
     if totals.failed > 0 || !totals.success {
         bail!("cargo test failed");
@@ -64,12 +59,8 @@ struct Totals {
 
 /// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
 fn run_counting(command: &mut Command) -> Result<Totals> {
-    command
-        .current_dir(crate::workspace_root())
-        .stdout(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("failed to start {command:?}"))?;
+    command.current_dir(crate::workspace_root()).stdout(Stdio::piped());
+    let mut child = command.spawn().with_context(|| format!("failed to start {command:?}"))?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
     let mut totals = Totals::default();
     for line in BufReader::new(stdout).lines() {
@@ -87,9 +78,7 @@ fn run_counting(command: &mut Command) -> Result<Totals> {
 
 /// Returns the number before `word` in a summary such as "ok. 4 passed; 0 failed; 1 ignored".
 fn count(summary: &str, word: &str) -> u64 {
-    let fields = summary
-        .split_once(". ")
-        .map_or(summary, |(_, fields)| fields);
+    let fields = summary.split_once(". ").map_or(summary, |(_, fields)| fields);
     fields
         .split(';')
         .filter_map(|field| field.trim().split_once(' '))

@@ -65,12 +65,7 @@ pub struct WatchArgs {
     #[arg(long, value_name = "KBIT/S", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BOX_BANDWIDTH_KBPS)))]
     rate_kbps: Option<u32>,
     /// Seconds between two prints, from 0.05 to 3600.
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 1.0,
-        allow_negative_numbers = true
-    )]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, allow_negative_numbers = true)]
     interval: f64,
     /// Stop after this many prints (the first comes at once); without it, run until interrupted.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -98,53 +93,33 @@ pub fn run(command: DataplaneCommand) -> Result<()> {
 }
 
 fn show(args: ShowArgs) -> Result<()> {
-    let pinned = PinnedCounters::open(&args.pin_dir).with_context(|| {
-        format!(
-            "no sag counters are pinned under {}",
-            args.pin_dir.display()
-        )
-    })?;
-    let snapshot = Snapshot {
-        clients: pinned.clients()?,
-        interfaces: pinned.interface_counters()?,
-    };
+    let pinned = PinnedCounters::open(&args.pin_dir)
+        .with_context(|| format!("no sag counters are pinned under {}", args.pin_dir.display()))?;
+    let snapshot =
+        Snapshot { clients: pinned.clients()?, interfaces: pinned.interface_counters()? };
     print_snapshot(&snapshot, None, args.json);
     Ok(())
 }
 
 fn watch(args: WatchArgs) -> Result<()> {
     if !(0.05..=3600.0).contains(&args.interval) {
-        bail!(
-            "invalid --interval {}: must be between 0.05 and 3600 seconds",
-            args.interval
-        );
+        bail!("invalid --interval {}: must be between 0.05 and 3600 seconds", args.interval);
     }
     // Checked before loading, so that a typo creates no pins.
     let c_name = std::ffi::CString::new(args.tunnel.as_str())
         .with_context(|| format!("invalid --tunnel {:?}: contains a NUL byte", args.tunnel))?;
     // SAFETY: a valid NUL-terminated string.
     if args.tunnel.is_empty() || unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
-        bail!(
-            "invalid --tunnel {:?}: no such interface in this network namespace",
-            args.tunnel
-        );
+        bail!("invalid --tunnel {:?}: no such interface in this network namespace", args.tunnel);
     }
     let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
     dataplane.attach(&args.tunnel, args.framing.into())?;
-    let limit = args
-        .rate_kbps
-        .map_or(RateLimit::UNLIMITED, RateLimit::with_default_burst);
-    let settings = ClientSettings {
-        rx: limit,
-        tx: limit,
-        ..ClientSettings::default()
-    };
+    let limit = args.rate_kbps.map_or(RateLimit::UNLIMITED, RateLimit::with_default_burst);
+    let settings = ClientSettings { rx: limit, tx: limit, ..ClientSettings::default() };
     for client in &args.clients {
         dataplane.add_client(*client, &settings)?;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(watch_loop(&dataplane, &args));
     dataplane.detach(&args.tunnel)?;
     result
@@ -163,16 +138,10 @@ async fn watch_loop(dataplane: &Dataplane, args: &WatchArgs) -> Result<()> {
             _ = ticker.tick() => {}
         }
         let now = Instant::now();
-        let snapshot = Snapshot {
-            clients: dataplane.clients()?,
-            interfaces: dataplane.interface_counters()?,
-        };
+        let snapshot =
+            Snapshot { clients: dataplane.clients()?, interfaces: dataplane.interface_counters()? };
         let rates = previous.as_ref().map(|(then, before)| {
-            rates(
-                before,
-                &snapshot.clients,
-                now.duration_since(*then).as_secs_f64(),
-            )
+            rates(before, &snapshot.clients, now.duration_since(*then).as_secs_f64())
         });
         print_snapshot(&snapshot, rates.as_ref(), args.json);
         previous = Some((now, snapshot.clients));
@@ -251,18 +220,13 @@ fn interface_name(ifindex: u32) -> String {
         return format!("#{ifindex}");
     }
     // SAFETY: if_indextoname wrote a NUL-terminated string into the buffer.
-    unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }.to_string_lossy().into_owned()
 }
 
 fn print_snapshot(snapshot: &Snapshot, rates: Option<&BTreeMap<Ipv4Addr, Rates>>, json: bool) {
     let rate = |address: &Ipv4Addr| rates.and_then(|r| r.get(address)).copied();
     if json {
-        let time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let clients: Vec<_> = snapshot
             .clients
             .iter()
@@ -294,10 +258,7 @@ fn print_snapshot(snapshot: &Snapshot, rates: Option<&BTreeMap<Ipv4Addr, Rates>>
                 })
             })
             .collect();
-        println!(
-            "{}",
-            json!({ "time": time, "clients": clients, "interfaces": interfaces })
-        );
+        println!("{}", json!({ "time": time, "clients": clients, "interfaces": interfaces }));
         return;
     }
     println!(

@@ -1,21 +1,23 @@
-//! What the kernel enforces: clients with their limits and flags, instances, the tunnels bound
-//! to them, and each instance's allowed destinations.
+//! What the kernel enforces: clients with their limits and flags, and the instance settings
+//! copied into each client's record (blocking, client-to-client, address pools, allowed
+//! destinations, tunnel).
 
 use std::net::Ipv4Addr;
 
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuValues};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use ipnet::Ipv4Net;
 use sag_common::{
     counters::ClientCounters,
     map_names,
     policy::{
-        Client, DestinationKey, Instance, RateLimit, Tunnel, CLIENT_BLOCKED, INSTANCE_BLOCKED,
-        INSTANCE_CLIENT_TO_CLIENT,
+        Block, Client, RateLimit, Tunnel, CLIENT_BLOCKED, CLIENT_TO_CLIENT, ENFORCE_DESTINATIONS,
+        INSTANCE_BLOCKED, MAX_ALLOWED_DESTINATIONS, MAX_POOL_BLOCKS,
     },
+    MAX_CLIENTS,
 };
 use tracing::debug;
 
-use super::{map_error, Dataplane, DataplaneError, BPF_NOEXIST};
+use super::{map_error, Dataplane, DataplaneError};
 
 /// What the kernel enforces for one client address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,42 +34,48 @@ pub struct ClientSettings {
 }
 
 /// What the kernel enforces for one instance.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceSettings {
     /// Drop all packets of the instance's clients (the instance is stopped or locked).
     pub blocked: bool,
     /// Let the instance's clients reach each other.
     pub client_to_client: bool,
+    /// The instance's client address blocks, at most [`MAX_POOL_BLOCKS`].
+    pub pools: Vec<Ipv4Net>,
+    /// Where the instance's clients may send, at most [`MAX_ALLOWED_DESTINATIONS`] blocks.
+    /// Traffic to anything else (and to the pools, unless `client_to_client`) is dropped.
+    pub allowed: Vec<Ipv4Net>,
 }
 
 impl Dataplane {
     /// Makes `address` a client with `settings` and starts counting its traffic. Counters
     /// that already exist for it, such as ones kept in a pinned map across a restart, are left
-    /// as they are; so is its bucket state if it was already a client.
+    /// as they are, and so is its bucket state.
     ///
     /// # Errors
-    /// Fails if a map is full ([`sag_common::MAX_CLIENTS`]) or the kernel refuses the update.
+    /// Fails with [`DataplaneError::InstanceNotFound`] if the client's instance was not set
+    /// since load, or [`DataplaneError::ClientsFull`] at [`MAX_CLIENTS`].
     pub fn add_client(
         &mut self,
         address: Ipv4Addr,
         settings: &ClientSettings,
     ) -> Result<(), DataplaneError> {
-        let cpus = self.cpus;
-        {
-            let mut map = self.client_map_mut()?;
-            let failed = map_error(map_names::CLIENT_COUNTERS);
-            let zeros = PerCpuValues::try_from(vec![ClientCounters::default(); cpus])
-                .map_err(|error| failed(MapError::from(error)))?;
-            // NOEXIST keeps counters that are already there.
-            match map.insert(u32::from(address), zeros, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(MapError::SyscallError(error))
-                    if error.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => return Err(failed(source)),
+        self.check_instance(settings.instance)?;
+        let slot = match self.slots.get(&address) {
+            Some(slot) => *slot,
+            None => {
+                let slot =
+                    *self.free_slots.last().ok_or(DataplaneError::ClientsFull(MAX_CLIENTS))?;
+                // A slot that served a removed client starts again from zero.
+                self.zero_slot(slot)?;
+                slot
             }
+        };
+        self.write_client(address, slot, settings, false)?;
+        if self.slots.insert(address, slot).is_none() {
+            self.free_slots.pop();
         }
-        self.write_client(address, settings, false)?;
-        debug!(ip = %address, ?settings, "client added");
+        debug!(ip = %address, slot, ?settings, "client added");
         Ok(())
     }
 
@@ -81,7 +89,9 @@ impl Dataplane {
         address: Ipv4Addr,
         settings: &ClientSettings,
     ) -> Result<(), DataplaneError> {
-        self.write_client(address, settings, true)?;
+        self.check_instance(settings.instance)?;
+        let slot = *self.slots.get(&address).ok_or(DataplaneError::ClientNotFound(address))?;
+        self.write_client(address, slot, settings, true)?;
         debug!(ip = %address, ?settings, "client updated");
         Ok(())
     }
@@ -92,29 +102,27 @@ impl Dataplane {
     /// Fails with [`DataplaneError::ClientNotFound`] if the address is not a client.
     pub fn remove_client(&mut self, address: Ipv4Addr) -> Result<ClientCounters, DataplaneError> {
         let last = self.client_counters(address)?;
-        let key = u32::from(address);
-        let mut clients = self.clients_map_mut()?;
-        match clients.remove(&key) {
+        let name = map_names::CLIENTS;
+        let mut clients: BpfHashMap<&mut MapData, u32, Client> = self.typed_map_mut(name)?;
+        match clients.remove(&u32::from(address)) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(map_error(map_names::CLIENTS)(source)),
+            Err(source) => return Err(map_error(name)(source)),
         }
-        let mut counters = self.client_map_mut()?;
-        match counters.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(map_error(map_names::CLIENT_COUNTERS)(source)),
+        if let Some(slot) = self.slots.remove(&address) {
+            self.free_slots.push(slot);
         }
         debug!(ip = %address, "client removed");
         Ok(last)
     }
 
-    /// Returns the settings of `address`.
+    /// Returns the settings of `address`, as its record in the kernel has them.
     ///
     /// # Errors
     /// Fails with [`DataplaneError::ClientNotFound`] if the address is not a client.
     pub fn client_settings(&self, address: Ipv4Addr) -> Result<ClientSettings, DataplaneError> {
         let name = map_names::CLIENTS;
-        let map: HashMap<&MapData, u32, Client> = self.typed_map(name)?;
-        match map.get(&u32::from(address), 0) {
+        let clients: BpfHashMap<&MapData, u32, Client> = self.typed_map(name)?;
+        match clients.get(&u32::from(address), 0) {
             Ok(client) => Ok(ClientSettings {
                 instance: client.instance,
                 blocked: client.flags & CLIENT_BLOCKED != 0,
@@ -126,12 +134,13 @@ impl Dataplane {
         }
     }
 
-    /// Creates or changes instance number `instance`. From then on its clients' destinations
-    /// are checked against its allowed destinations.
+    /// Creates or changes instance number `instance` and rewrites the records of its clients,
+    /// which see the change from their next packet on. From then on their destinations are
+    /// checked against `settings.allowed`.
     ///
     /// # Errors
-    /// Fails with [`DataplaneError::InvalidInstance`] for instance 0, or if the map is full
-    /// ([`sag_common::MAX_INSTANCES`]).
+    /// Fails with [`DataplaneError::InvalidInstance`] for instance 0, or
+    /// [`DataplaneError::TooManyBlocks`] if a list is too long.
     pub fn set_instance(
         &mut self,
         instance: u32,
@@ -140,49 +149,39 @@ impl Dataplane {
         if instance == 0 {
             return Err(DataplaneError::InvalidInstance);
         }
-        let mut flags = 0;
-        if settings.blocked {
-            flags |= INSTANCE_BLOCKED;
+        for (field, given, max) in [
+            ("pools", settings.pools.len(), MAX_POOL_BLOCKS),
+            ("allowed destinations", settings.allowed.len(), MAX_ALLOWED_DESTINATIONS),
+        ] {
+            if given > max {
+                return Err(DataplaneError::TooManyBlocks { field, given, max });
+            }
         }
-        if settings.client_to_client {
-            flags |= INSTANCE_CLIENT_TO_CLIENT;
-        }
-        let name = map_names::INSTANCES;
-        let mut map: HashMap<&mut MapData, u32, Instance> = self.typed_map_mut(name)?;
-        map.insert(instance, Instance { flags, padding: 0 }, 0)
-            .map_err(map_error(name))?;
+        let tunnel = self.instances.get(&instance).map_or(0, |(_, tunnel)| *tunnel);
+        self.instances.insert(instance, (settings.clone(), tunnel));
+        self.rewrite_instance_clients(instance)?;
         debug!(instance, ?settings, "instance set");
         Ok(())
     }
 
-    /// Removes instance number `instance`. Its clients are then under no destination policy
-    /// and no instance-wide block.
+    /// Binds the tunnel interface with index `ifindex` to `instance`: packets arriving on it
+    /// from an address that is not a client of that instance are dropped as spoofed, and the
+    /// instance's clients are accepted only there. An unbound tunnel passes packets from
+    /// unknown sources and counts them per interface.
     ///
     /// # Errors
-    /// Fails if the kernel refuses the update.
-    pub fn remove_instance(&mut self, instance: u32) -> Result<(), DataplaneError> {
-        let name = map_names::INSTANCES;
-        let mut map: HashMap<&mut MapData, u32, Instance> = self.typed_map_mut(name)?;
-        match map.remove(&instance) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_error(name)(source)),
-        }
-    }
-
-    /// Binds the tunnel interface with index `ifindex` to `instance`: a packet arriving on it
-    /// from an address that is not a client of that instance is dropped as spoofed. An
-    /// unbound tunnel passes such packets and counts them as unknown.
-    ///
-    /// # Errors
-    /// Fails with [`DataplaneError::InvalidInstance`] for instance 0.
+    /// Fails with [`DataplaneError::InstanceNotFound`] if the instance was not set.
     pub fn bind_tunnel(&mut self, ifindex: u32, instance: u32) -> Result<(), DataplaneError> {
         if instance == 0 {
             return Err(DataplaneError::InvalidInstance);
         }
+        let entry =
+            self.instances.get_mut(&instance).ok_or(DataplaneError::InstanceNotFound(instance))?;
+        entry.1 = ifindex;
         let name = map_names::TUNNELS;
-        let mut map: HashMap<&mut MapData, u32, Tunnel> = self.typed_map_mut(name)?;
-        map.insert(ifindex, Tunnel { instance }, 0)
-            .map_err(map_error(name))?;
+        let mut tunnels: BpfHashMap<&mut MapData, u32, Tunnel> = self.typed_map_mut(name)?;
+        tunnels.insert(ifindex, Tunnel { instance }, 0).map_err(map_error(name))?;
+        self.rewrite_instance_clients(instance)?;
         debug!(ifindex, instance, "tunnel bound");
         Ok(())
     }
@@ -193,87 +192,112 @@ impl Dataplane {
     /// Fails if the kernel refuses the update.
     pub fn unbind_tunnel(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         let name = map_names::TUNNELS;
-        let mut map: HashMap<&mut MapData, u32, Tunnel> = self.typed_map_mut(name)?;
-        match map.remove(&ifindex) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_error(name)(source)),
+        let mut tunnels: BpfHashMap<&mut MapData, u32, Tunnel> = self.typed_map_mut(name)?;
+        match tunnels.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_error(name)(source)),
         }
-    }
-
-    /// Lets clients of `instance` send to `block`.
-    ///
-    /// # Errors
-    /// Fails if the trie is full ([`sag_common::MAX_DESTINATIONS`]).
-    pub fn allow_destination(
-        &mut self,
-        instance: u32,
-        block: Ipv4Net,
-    ) -> Result<(), DataplaneError> {
-        let name = map_names::DESTINATIONS;
-        let mut trie: LpmTrie<&mut MapData, DestinationKey, u8> = self.typed_map_mut(name)?;
-        trie.insert(&destination_key(instance, block), 1, 0)
-            .map_err(map_error(name))?;
-        debug!(instance, %block, "destination allowed");
+        let bound: Vec<u32> = self
+            .instances
+            .iter_mut()
+            .filter(|(_, (_, tunnel))| *tunnel == ifindex)
+            .map(|(instance, (_, tunnel))| {
+                *tunnel = 0;
+                *instance
+            })
+            .collect();
+        for instance in bound {
+            self.rewrite_instance_clients(instance)?;
+        }
         Ok(())
     }
 
-    /// Withdraws `block` from the allowed destinations of `instance`, if it is there.
-    ///
-    /// # Errors
-    /// Fails if the kernel refuses the update.
-    pub fn remove_destination(
-        &mut self,
-        instance: u32,
-        block: Ipv4Net,
-    ) -> Result<(), DataplaneError> {
-        let name = map_names::DESTINATIONS;
-        let mut trie: LpmTrie<&mut MapData, DestinationKey, u8> = self.typed_map_mut(name)?;
-        match trie.remove(&destination_key(instance, block)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_error(name)(source)),
+    fn check_instance(&self, instance: u32) -> Result<(), DataplaneError> {
+        if instance != 0 && !self.instances.contains_key(&instance) {
+            return Err(DataplaneError::InstanceNotFound(instance));
         }
+        Ok(())
+    }
+
+    /// Rewrites the record of every client of `instance` with the instance's current settings.
+    fn rewrite_instance_clients(&mut self, instance: u32) -> Result<(), DataplaneError> {
+        let name = map_names::CLIENTS;
+        let members: Vec<(Ipv4Addr, u32, ClientSettings)> = {
+            let clients: BpfHashMap<&MapData, u32, Client> = self.typed_map(name)?;
+            let mut members = Vec::new();
+            for entry in clients.iter() {
+                let (address, client) = entry.map_err(map_error(name))?;
+                if client.instance == instance {
+                    let settings = ClientSettings {
+                        instance,
+                        blocked: client.flags & CLIENT_BLOCKED != 0,
+                        rx: client.rx,
+                        tx: client.tx,
+                    };
+                    members.push((Ipv4Addr::from(address), client.slot, settings));
+                }
+            }
+            members
+        };
+        for (address, slot, settings) in members {
+            self.write_client(address, slot, &settings, true)?;
+        }
+        Ok(())
     }
 
     /// Writes the record of `address`, keeping the bucket state of a record already there.
     fn write_client(
         &mut self,
         address: Ipv4Addr,
+        slot: u32,
         settings: &ClientSettings,
         must_exist: bool,
     ) -> Result<(), DataplaneError> {
-        let name = map_names::CLIENTS;
-        let key = u32::from(address);
-        let mut map: HashMap<&mut MapData, u32, Client> = self.typed_map_mut(name)?;
-        let (rx_tat_ns, tx_tat_ns) = match map.get(&key, 0) {
-            Ok(old) => (old.rx_tat_ns, old.tx_tat_ns),
-            Err(MapError::KeyNotFound) if must_exist => {
-                return Err(DataplaneError::ClientNotFound(address))
-            }
-            Err(MapError::KeyNotFound) => (0, 0),
-            Err(source) => return Err(map_error(name)(source)),
-        };
-        let record = Client {
+        let mut record = Client {
+            slot,
             instance: settings.instance,
             flags: if settings.blocked { CLIENT_BLOCKED } else { 0 },
             rx: settings.rx,
             tx: settings.tx,
-            rx_tat_ns,
-            tx_tat_ns,
+            ..Client::default()
         };
+        if let Some((instance, tunnel)) = self.instances.get(&settings.instance) {
+            record.tunnel_ifindex = *tunnel;
+            record.flags |= ENFORCE_DESTINATIONS;
+            if instance.blocked {
+                record.flags |= INSTANCE_BLOCKED;
+            }
+            if instance.client_to_client {
+                record.flags |= CLIENT_TO_CLIENT;
+            }
+            record.pool_count = fill_blocks(&mut record.pools, &instance.pools);
+            record.allowed_count = fill_blocks(&mut record.allowed, &instance.allowed);
+        }
+        let name = map_names::CLIENTS;
+        let key = u32::from(address);
+        let mut clients: BpfHashMap<&mut MapData, u32, Client> = self.typed_map_mut(name)?;
+        match clients.get(&key, 0) {
+            Ok(old) => {
+                record.rx_tat_ns = old.rx_tat_ns;
+                record.tx_tat_ns = old.tx_tat_ns;
+            }
+            Err(MapError::KeyNotFound) if must_exist => {
+                return Err(DataplaneError::ClientNotFound(address))
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_error(name)(source)),
+        }
         // The kernel swaps in a new element, so a program mid-packet sees the old record or
         // the new one, never a mix.
-        map.insert(key, record, 0).map_err(map_error(name))
-    }
-
-    fn clients_map_mut(&mut self) -> Result<HashMap<&mut MapData, u32, Client>, DataplaneError> {
-        self.typed_map_mut(map_names::CLIENTS)
+        clients.insert(key, record, 0).map_err(map_error(name))
     }
 }
 
-fn destination_key(instance: u32, block: Ipv4Net) -> Key<DestinationKey> {
-    let block = block.trunc();
-    Key::new(
-        DestinationKey::INSTANCE_BITS + u32::from(block.prefix_len()),
-        DestinationKey::new(instance, u32::from(block.network())),
-    )
+/// Copies `blocks` into the front of `slots` and returns how many were copied. The callers
+/// have checked the length.
+fn fill_blocks<const N: usize>(slots: &mut [Block; N], blocks: &[Ipv4Net]) -> u32 {
+    for (slot, block) in slots.iter_mut().zip(blocks) {
+        *slot = Block::new(u32::from(block.network()), block.prefix_len());
+    }
+    blocks.len().min(N) as u32
 }

@@ -2,10 +2,13 @@
 
 use std::{borrow::Borrow, collections::BTreeMap, net::Ipv4Addr, path::Path};
 
-use aya::maps::{Map, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::maps::{
+    HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use sag_common::{
     counters::{ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter},
     map_names,
+    policy::Client,
 };
 
 use super::{map_error, Dataplane, DataplaneError};
@@ -25,59 +28,54 @@ impl Dataplane {
     /// # Errors
     /// Fails with [`DataplaneError::ClientNotFound`] if the address is not a client.
     pub fn client_counters(&self, address: Ipv4Addr) -> Result<ClientCounters, DataplaneError> {
-        let map = self.client_map()?;
-        match map.get(&u32::from(address), 0) {
-            Ok(values) => Ok(sum_client(&values)),
-            Err(MapError::KeyNotFound) => Err(DataplaneError::ClientNotFound(address)),
-            Err(source) => Err(map_error(map_names::CLIENT_COUNTERS)(source)),
-        }
+        let slot = *self.slots.get(&address).ok_or(DataplaneError::ClientNotFound(address))?;
+        let counters: PerCpuArray<&MapData, ClientCounters> =
+            self.typed_map(map_names::CLIENT_COUNTERS)?;
+        read_slot(&counters, slot)
     }
 
     /// Returns every client's counters, summed over CPUs, sorted by address.
     pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-        read_clients(&self.client_map()?)
+        let counters: PerCpuArray<&MapData, ClientCounters> =
+            self.typed_map(map_names::CLIENT_COUNTERS)?;
+        self.slots
+            .iter()
+            .map(|(address, slot)| Ok((*address, read_slot(&counters, *slot)?)))
+            .collect()
     }
 
     /// Returns the per-interface counters, summed over CPUs, sorted by interface, direction
     /// and kind.
     pub fn interface_counters(&self) -> Result<Vec<InterfaceCounter>, DataplaneError> {
-        let name = map_names::INTERFACE_COUNTERS;
-        let map: PerCpuHashMap<&MapData, InterfaceKey, PacketCounter> = self
-            .ebpf
-            .map(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(map_error(name))?;
+        let map: PerCpuHashMap<&MapData, InterfaceKey, PacketCounter> =
+            self.typed_map(map_names::INTERFACE_COUNTERS)?;
         read_interfaces(&map)
     }
 
-    pub(super) fn client_map(
+    /// Returns the counter slot of every client in the map, as found there.
+    pub(super) fn read_slots(
         &self,
-    ) -> Result<PerCpuHashMap<&MapData, u32, ClientCounters>, DataplaneError> {
-        let name = map_names::CLIENT_COUNTERS;
-        self.ebpf
-            .map(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(map_error(name))
+    ) -> Result<std::collections::HashMap<Ipv4Addr, u32>, DataplaneError> {
+        let clients: BpfHashMap<&MapData, u32, Client> = self.typed_map(map_names::CLIENTS)?;
+        read_client_slots(&clients)
     }
 
-    pub(super) fn client_map_mut(
-        &mut self,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, ClientCounters>, DataplaneError> {
+    /// Sets every CPU's counters of `slot` to zero.
+    pub(super) fn zero_slot(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let cpus = self.cpus;
         let name = map_names::CLIENT_COUNTERS;
-        self.ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(map_error(name))
+        let mut counters: PerCpuArray<&mut MapData, ClientCounters> = self.typed_map_mut(name)?;
+        let zeros = PerCpuValues::try_from(vec![ClientCounters::default(); cpus])
+            .map_err(|error| map_error(name)(MapError::from(error)))?;
+        counters.set(slot, zeros, 0).map_err(map_error(name))
     }
 }
 
 /// The counter maps pinned under a directory, opened without loading the programs: for reading
 /// counters while another process owns the dataplane.
 pub struct PinnedCounters {
-    clients: PerCpuHashMap<MapData, u32, ClientCounters>,
+    clients: BpfHashMap<MapData, u32, Client>,
+    counters: PerCpuArray<MapData, ClientCounters>,
     interfaces: PerCpuHashMap<MapData, InterfaceKey, PacketCounter>,
 }
 
@@ -85,17 +83,21 @@ impl PinnedCounters {
     /// Opens the maps pinned under `pin_dir`.
     ///
     /// # Errors
-    /// Fails if a map is not pinned there or is not a counter map of this agent.
+    /// Fails if a map is not pinned there or is not a map of this agent.
     pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
         Ok(Self {
-            clients: open_pinned(pin_dir, map_names::CLIENT_COUNTERS)?,
+            clients: open_pinned(pin_dir, map_names::CLIENTS)?,
+            counters: open_pinned(pin_dir, map_names::CLIENT_COUNTERS)?,
             interfaces: open_pinned(pin_dir, map_names::INTERFACE_COUNTERS)?,
         })
     }
 
     /// Returns every client's counters, summed over CPUs, sorted by address.
     pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-        read_clients(&self.clients)
+        read_client_slots(&self.clients)?
+            .into_iter()
+            .map(|(address, slot)| Ok((address, read_slot(&self.counters, slot)?)))
+            .collect()
     }
 
     /// Returns the per-interface counters, summed over CPUs.
@@ -104,59 +106,52 @@ impl PinnedCounters {
     }
 }
 
-fn open_pinned<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &Path,
-    name: &'static str,
-) -> Result<PerCpuHashMap<MapData, K, V>, DataplaneError> {
+fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
     let failed = map_error(name);
     let data = MapData::from_pin(pin_dir.join(name)).map_err(failed)?;
-    Map::from_map_data(data)
-        .map_err(failed)?
-        .try_into()
-        .map_err(failed)
+    T::try_from(Map::from_map_data(data).map_err(failed)?).map_err(failed)
 }
 
-fn read_clients<T: Borrow<MapData>>(
-    map: &PerCpuHashMap<T, u32, ClientCounters>,
-) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
-    let mut clients = BTreeMap::new();
-    for entry in map.iter() {
-        let (key, values) = entry.map_err(map_error(map_names::CLIENT_COUNTERS))?;
-        clients.insert(Ipv4Addr::from(key), sum_client(&values));
-    }
-    Ok(clients)
+fn read_client_slots<T: Borrow<MapData>>(
+    clients: &BpfHashMap<T, u32, Client>,
+) -> Result<std::collections::HashMap<Ipv4Addr, u32>, DataplaneError> {
+    clients
+        .iter()
+        .map(|entry| {
+            let (address, client) = entry.map_err(map_error(map_names::CLIENTS))?;
+            Ok((Ipv4Addr::from(address), client.slot))
+        })
+        .collect()
+}
+
+fn read_slot<T: Borrow<MapData>>(
+    counters: &PerCpuArray<T, ClientCounters>,
+    slot: u32,
+) -> Result<ClientCounters, DataplaneError> {
+    let values = counters.get(&slot, 0).map_err(map_error(map_names::CLIENT_COUNTERS))?;
+    let mut total = ClientCounters::default();
+    values.iter().for_each(|value| total.merge(value));
+    Ok(total)
 }
 
 fn read_interfaces<T: Borrow<MapData>>(
     map: &PerCpuHashMap<T, InterfaceKey, PacketCounter>,
 ) -> Result<Vec<InterfaceCounter>, DataplaneError> {
-    let name = map_names::INTERFACE_COUNTERS;
     let mut counters = Vec::new();
     for entry in map.iter() {
-        let (key, values) = entry.map_err(map_error(name))?;
+        let (key, values) = entry.map_err(map_error(map_names::INTERFACE_COUNTERS))?;
         let Some(kind) = InterfaceKind::from_u8(key.kind) else {
             continue;
         };
-        let direction = if key.direction == Direction::Rx as u8 {
-            Direction::Rx
-        } else {
-            Direction::Tx
-        };
+        let direction =
+            if key.direction == Direction::Rx as u8 { Direction::Rx } else { Direction::Tx };
         let mut counter = PacketCounter::default();
         values.iter().for_each(|value| counter.merge(value));
-        counters.push(InterfaceCounter {
-            ifindex: key.ifindex,
-            direction,
-            kind,
-            counter,
-        });
+        counters.push(InterfaceCounter { ifindex: key.ifindex, direction, kind, counter });
     }
     counters.sort_by_key(|c| (c.ifindex, c.direction as u8, c.kind as u8));
     Ok(counters)
-}
-
-fn sum_client(values: &PerCpuValues<ClientCounters>) -> ClientCounters {
-    let mut total = ClientCounters::default();
-    values.iter().for_each(|value| total.merge(value));
-    total
 }

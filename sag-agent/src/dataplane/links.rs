@@ -42,11 +42,7 @@ fn detach_link_by_id(id: u32) -> std::io::Result<()> {
         link_fd: u32,
     }
 
-    let request = GetFdById {
-        link_id: id,
-        next_id: 0,
-        open_flags: 0,
-    };
+    let request = GetFdById { link_id: id, next_id: 0, open_flags: 0 };
     // SAFETY: the attribute struct is valid for the size passed, and the kernel accepts a
     // shorter bpf_attr as long as the fields it reads are present.
     let fd = unsafe {
@@ -62,9 +58,7 @@ fn detach_link_by_id(id: u32) -> std::io::Result<()> {
     }
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let request = LinkDetach {
-        link_fd: fd.as_raw_fd() as u32,
-    };
+    let request = LinkDetach { link_fd: fd.as_raw_fd() as u32 };
     // SAFETY: as above.
     let result = unsafe {
         libc::syscall(

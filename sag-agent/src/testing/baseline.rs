@@ -13,34 +13,31 @@ pub struct Baseline {
     ebpf: Ebpf,
 }
 
-/// Returns the name of the baseline program that matches `program`.
+/// Returns the name of the baseline program that matches `program`. The TC programs share
+/// one baseline per framing, whether on ingress or egress.
 fn baseline_name(program: Program) -> &'static str {
     match program {
-        Program::RxL3 => "sag_baseline_rx_l3",
-        Program::RxEthernet => "sag_baseline_rx_ethernet",
-        Program::TxL3 => "sag_baseline_tx_l3",
-        Program::TxEthernet => "sag_baseline_tx_ethernet",
+        Program::RxL3 => "sag_baseline_xdp_l3",
+        Program::RxEthernet => "sag_baseline_xdp_ethernet",
+        Program::RxL3Tc | Program::TxL3 => "sag_baseline_tc_l3",
+        Program::RxEthernetTc | Program::TxEthernet => "sag_baseline_tc_ethernet",
     }
 }
 
 impl Baseline {
-    /// Loads the four baseline programs.
+    /// Loads the baseline programs: XDP and TC, for each framing.
     pub fn load() -> Result<Self> {
         let mut ebpf = Ebpf::load(super::TEST_OBJECT).context("failed to load the test object")?;
-        for program in Program::ALL {
+        // One program of each baseline: the TC ones serve rx and tx alike.
+        for program in [Program::RxL3, Program::RxEthernet, Program::TxL3, Program::TxEthernet] {
             let name = baseline_name(program);
-            let loaded = ebpf
-                .program_mut(name)
-                .with_context(|| format!("{name} not found"))?;
-            if matches!(program, Program::RxL3 | Program::RxEthernet) {
+            let loaded = ebpf.program_mut(name).with_context(|| format!("{name} not found"))?;
+            if program.is_xdp() {
                 let xdp: &mut Xdp = loaded.try_into()?;
-                xdp.load()
-                    .with_context(|| format!("failed to load {name}"))?;
+                xdp.load().with_context(|| format!("failed to load {name}"))?;
             } else {
                 let classifier: &mut SchedClassifier = loaded.try_into()?;
-                classifier
-                    .load()
-                    .with_context(|| format!("failed to load {name}"))?;
+                classifier.load().with_context(|| format!("failed to load {name}"))?;
             }
         }
         Ok(Self { ebpf })
@@ -55,14 +52,11 @@ impl Baseline {
         repeat: u32,
     ) -> Result<(u32, u64)> {
         let name = baseline_name(program);
-        let loaded = self
-            .ebpf
-            .program(name)
-            .with_context(|| format!("{name} not found"))?;
+        let loaded = self.ebpf.program(name).with_context(|| format!("{name} not found"))?;
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
         options.repeat = repeat;
-        let result = if matches!(program, Program::RxL3 | Program::RxEthernet) {
+        let result = if program.is_xdp() {
             let xdp: &Xdp = loaded.try_into()?;
             xdp.test_run(options)
         } else {

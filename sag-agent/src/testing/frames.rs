@@ -121,11 +121,7 @@ mod tests {
 
     #[test]
     fn built_header_checksums_to_zero() {
-        let packet = udp(
-            (Ipv4Addr::new(10, 0, 0, 1), 1),
-            (Ipv4Addr::new(10, 0, 0, 2), 2),
-            &[7; 5],
-        );
+        let packet = udp((Ipv4Addr::new(10, 0, 0, 1), 1), (Ipv4Addr::new(10, 0, 0, 2), 2), &[7; 5]);
         assert_eq!(packet.len(), 33);
         assert_eq!(internet_checksum(&packet[..20]), 0);
     }
@@ -133,16 +129,9 @@ mod tests {
     #[test]
     fn udp_sizes() {
         for payload in [1usize, 1472] {
-            let packet = udp(
-                (Ipv4Addr::LOCALHOST, 1),
-                (Ipv4Addr::LOCALHOST, 2),
-                &vec![0; payload],
-            );
+            let packet = udp((Ipv4Addr::LOCALHOST, 1), (Ipv4Addr::LOCALHOST, 2), &vec![0; payload]);
             assert_eq!(packet.len(), 28 + payload);
-            assert_eq!(
-                u16::from_be_bytes([packet[2], packet[3]]) as usize,
-                28 + payload
-            );
+            assert_eq!(u16::from_be_bytes([packet[2], packet[3]]) as usize, 28 + payload);
         }
     }
 

@@ -94,10 +94,7 @@ impl Netns {
                 .spawn(|| {
                     // SAFETY: setns changes only this thread's namespace, and the fd is valid.
                     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        bail!(
-                            "setns into {path} failed: {}",
-                            std::io::Error::last_os_error()
-                        );
+                        bail!("setns into {path} failed: {}", std::io::Error::last_os_error());
                     }
                     Ok(work())
                 })
@@ -110,10 +107,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(error) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!(
-                "failed to delete network namespace {}: {error:#}",
-                self.name
-            );
+            eprintln!("failed to delete network namespace {}: {error:#}", self.name);
         }
     }
 }

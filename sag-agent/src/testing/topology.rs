@@ -56,13 +56,7 @@ impl TunTopology {
         let gateway_veth = unique_name("gv");
         let lan_veth = unique_name("lv");
         veth_pair((&gateway, &gateway_veth), (&lan, &lan_veth))?;
-        gateway.ip(&[
-            "addr",
-            "add",
-            &format!("{LAN_GATEWAY}/24"),
-            "dev",
-            &gateway_veth,
-        ])?;
+        gateway.ip(&["addr", "add", &format!("{LAN_GATEWAY}/24"), "dev", &gateway_veth])?;
         gateway.ip(&["link", "set", &gateway_veth, "up"])?;
         lan.ip(&["addr", "add", &format!("{LAN_SERVER}/24"), "dev", &lan_veth])?;
         lan.ip(&["link", "set", &lan_veth, "up"])?;
@@ -74,20 +68,9 @@ impl TunTopology {
             let ifindex = interface_index(&tun_name)?;
             Ok((tun, ifindex))
         })??;
-        gateway.ip(&[
-            "addr",
-            "add",
-            &format!("{TUNNEL_GATEWAY}/24"),
-            "dev",
-            &tun_name,
-        ])?;
+        gateway.ip(&["addr", "add", &format!("{TUNNEL_GATEWAY}/24"), "dev", &tun_name])?;
         gateway.ip(&["link", "set", &tun_name, "up"])?;
-        Ok(Self {
-            tun,
-            gateway,
-            lan,
-            tun_ifindex,
-        })
+        Ok(Self { tun, gateway, lan, tun_ifindex })
     }
 
     /// Returns the TUN interface's name.
@@ -116,10 +99,7 @@ pub fn interface_index(name: &str) -> Result<u32> {
     // SAFETY: a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
-        anyhow::bail!(
-            "interface {name} not found: {}",
-            std::io::Error::last_os_error()
-        );
+        anyhow::bail!("interface {name} not found: {}", std::io::Error::last_os_error());
     }
     Ok(index)
 }
@@ -197,13 +177,7 @@ impl EthernetTopology {
         let gateway_lan = unique_name("gv");
         let lan_veth = unique_name("lv");
         veth_pair((&gateway, &gateway_lan), (&lan, &lan_veth))?;
-        gateway.ip(&[
-            "addr",
-            "add",
-            &format!("{LAN_GATEWAY}/24"),
-            "dev",
-            &gateway_lan,
-        ])?;
+        gateway.ip(&["addr", "add", &format!("{LAN_GATEWAY}/24"), "dev", &gateway_lan])?;
         gateway.ip(&["link", "set", &gateway_lan, "up"])?;
         lan.ip(&["addr", "add", &format!("{LAN_SERVER}/24"), "dev", &lan_veth])?;
         lan.ip(&["link", "set", &lan_veth, "up"])?;
@@ -219,26 +193,14 @@ impl EthernetTopology {
                 taggers.push(netns.enter(|| VlanTagger::attach(link))??);
             }
         }
-        gateway.ip(&[
-            "addr",
-            "add",
-            &format!("{ETHERNET_GATEWAY}/24"),
-            "dev",
-            &gateway_link,
-        ])?;
+        gateway.ip(&["addr", "add", &format!("{ETHERNET_GATEWAY}/24"), "dev", &gateway_link])?;
         gateway.ip(&["link", "set", &gateway_link, "up"])?;
         for n in 0..client_count {
             let address = format!("{}/24", ethernet_client_address(n));
             clients.ip(&["addr", "add", &address, "dev", &client_link])?;
         }
         clients.ip(&["link", "set", &client_link, "up"])?;
-        clients.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &ETHERNET_GATEWAY.to_string(),
-        ])?;
+        clients.ip(&["route", "add", "default", "via", &ETHERNET_GATEWAY.to_string()])?;
         let gateway_ifindex = gateway.enter(|| interface_index(&gateway_link))??;
         Ok(Self {
             _taggers: taggers,

@@ -69,11 +69,8 @@ impl Receiver {
 
 /// Returns the rate of the arrivals between `from` and `to`, in kbit/s.
 pub fn rate_kbps(arrivals: &[(Duration, usize)], from: Duration, to: Duration) -> f64 {
-    let bytes: usize = arrivals
-        .iter()
-        .filter(|(at, _)| *at >= from && *at < to)
-        .map(|(_, size)| size)
-        .sum();
+    let bytes: usize =
+        arrivals.iter().filter(|(at, _)| *at >= from && *at < to).map(|(_, size)| size).sum();
     bytes as f64 * 8.0 / (to - from).as_secs_f64() / 1_000.0
 }
 
@@ -108,10 +105,7 @@ pub fn send_paced(
         .iter()
         .map(|flow| udp(flow.source, flow.destination, &vec![0x33; flow.payload]))
         .collect();
-    let intervals: Vec<f64> = flows
-        .iter()
-        .map(|f| f.packet_interval().as_secs_f64())
-        .collect();
+    let intervals: Vec<f64> = flows.iter().map(|f| f.packet_interval().as_secs_f64()).collect();
     let mut sent = vec![0u64; flows.len()];
     loop {
         let elapsed = start.elapsed();

@@ -52,20 +52,14 @@ impl Tun {
         request.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: the request is a properly sized ifreq and the fd is open.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut request) } != 0 {
-            bail!(
-                "TUNSETIFF {name} failed: {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("TUNSETIFF {name} failed: {}", std::io::Error::last_os_error());
         }
         // SAFETY: plain fcntl on an open fd.
         unsafe {
             let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        Ok(Self {
-            file,
-            name: name.to_owned(),
-        })
+        Ok(Self { file, name: name.to_owned() })
     }
 
     /// Returns the interface name.
@@ -75,14 +69,9 @@ impl Tun {
 
     /// Injects one IP packet, which the kernel receives on the interface.
     pub fn send(&self, packet: &[u8]) -> Result<()> {
-        let written = (&self.file)
-            .write(packet)
-            .context("failed to write to the TUN device")?;
+        let written = (&self.file).write(packet).context("failed to write to the TUN device")?;
         if written != packet.len() {
-            bail!(
-                "wrote {written} of {} bytes to the TUN device",
-                packet.len()
-            );
+            bail!("wrote {written} of {} bytes to the TUN device", packet.len());
         }
         Ok(())
     }
@@ -104,11 +93,8 @@ impl Tun {
             if left.is_zero() {
                 return Ok(None);
             }
-            let mut poll = libc::pollfd {
-                fd: self.file.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut poll =
+                libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut poll, 1, left.as_millis().min(1_000) as libc::c_int + 1) };
         }

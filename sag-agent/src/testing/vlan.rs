@@ -32,9 +32,7 @@ impl VlanTagger {
                 .program_mut(name)
                 .with_context(|| format!("program {name} not found"))?
                 .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("failed to load {name}"))?;
+            program.load().with_context(|| format!("failed to load {name}"))?;
             program
                 .attach(interface, attach_type)
                 .with_context(|| format!("failed to attach {name} to {interface}"))?;
