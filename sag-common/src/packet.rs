@@ -23,7 +23,7 @@ pub const ETHERTYPE_VLAN: u16 = 0x8100;
 /// EtherType of an 802.1ad (QinQ service) VLAN tag.
 pub const ETHERTYPE_QINQ: u16 = 0x88a8;
 
-/// How frames start on an interface. Chosen when the programs are attached.
+/// Link-layer framing of an interface, chosen when the programs are attached.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Framing {
@@ -76,7 +76,7 @@ pub enum OtherProtocol {
     Other,
 }
 
-/// Why a frame could not be parsed.
+/// Reason a frame could not be parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Malformed {
     /// Shorter than an Ethernet header, or than its VLAN tag.
@@ -87,7 +87,7 @@ pub enum Malformed {
     TruncatedIpv4Header,
     /// IHL below 5.
     HeaderLengthTooSmall,
-    /// The version field is not 4 although the EtherType says IPv4.
+    /// The version field is not 4 although the EtherType is IPv4's.
     WrongVersion,
     /// The total length is below the header length or above the bytes present.
     BadTotalLength,
@@ -125,8 +125,8 @@ fn malformed<P: PacketBytes + ?Sized>(packet: &P, reason: Malformed) -> Parsed {
 
 #[inline(always)]
 fn parse_l3<P: PacketBytes + ?Sized>(packet: &P) -> Parsed {
-    // Reading the version nibble alone would take a 1-byte read, whose bounds check LLVM turns
-    // into a form the verifier does not accept; every IP header has at least 20 bytes anyway.
+    // LLVM turns the bounds check of a 1-byte read into a form the verifier rejects, so the
+    // version nibble comes with the whole minimum header. Every IP header has 20 bytes at least.
     let Some(header) = packet.read::<IPV4_MIN_HEADER_LEN>(0) else {
         return malformed(packet, Malformed::TooShortForIp);
     };

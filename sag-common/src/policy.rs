@@ -14,7 +14,7 @@ pub const MIN_BURST_BYTES: u64 = BURST_MTU_BYTES;
 /// Time the default burst covers at the configured rate, in milliseconds.
 ///
 /// TCP stalls for a retransmission timeout (200 ms at least on Linux) after the bucket runs
-/// dry, and only a bucket that holds more than that stall's refill keeps goodput near the
+/// dry, and only a bucket that contains more than that stall's refill keeps goodput near the
 /// rate. Measured with iperf3 through the test gateway (BBR and CUBIC alike): a 100 ms bucket
 /// gave 44-49% of the rate at 512 and 2,000 kbit/s, 200 ms gave 84-94%, 500 ms 97-99%.
 pub const DEFAULT_BURST_MS: u64 = 500;
@@ -191,7 +191,7 @@ pub struct Tunnel {
     pub instance: u32,
 }
 
-/// Why a packet was dropped.
+/// Reason a packet was dropped.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -223,7 +223,7 @@ impl DropReason {
     }
 }
 
-/// Who a packet's source is, seen from the tunnel it arrived on.
+/// Kind of source of a packet, seen from the tunnel it arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// A client of the tunnel's instance, or a client of no bound tunnel on an unbound one.
@@ -236,7 +236,7 @@ pub enum Source {
 
 /// Classifies the source of a packet that arrived on tunnel `ifindex`. `client_tunnel` is the
 /// tunnel ifindex in the source's client record, if the source is a client (0 when the
-/// client's instance has no tunnel). `arrival_bound` tells whether the tunnel is bound to an
+/// client's instance has no tunnel). `arrival_bound` returns whether the tunnel is bound to an
 /// instance; it costs a lookup, so it is called only when the answer depends on it.
 #[inline(always)]
 pub fn classify_source(
@@ -264,7 +264,7 @@ pub fn classify_source(
     }
 }
 
-/// What the destination of a client's packet is.
+/// Kind of destination of a client's packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destination {
     /// Inside one of the client's instance's address blocks: another client.

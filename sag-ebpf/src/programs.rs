@@ -77,7 +77,7 @@ pub fn sag_tx_ethernet(ctx: TcContext) -> i32 {
     tc_verdict(enforce_tx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::Ethernet)))
 }
 
-/// What the programs do with a packet.
+/// Verdict of the programs on a packet.
 enum Verdict {
     Pass,
     Drop,
@@ -187,13 +187,13 @@ fn take_tokens(tat_ns: *mut u64, limit: &RateLimit, bytes: u64) -> bool {
         return true;
     }
     // The coarse clock ticks with the scheduler (every 1-10 ms) but costs a fraction of the
-    // precise one. Buckets hold at least 2 full packets (500 ms at the default), so a tick's
+    // precise one. Buckets contain at least 2 full packets (500 ms at the default), so a tick's
     // delay changes no verdict over time, only which packet inside the tick gets it.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     for _ in 0..BUCKET_ATTEMPTS {
-        // A plain 8-byte load is atomic on BPF; LLVM cannot select an atomic load instruction
-        // for cpu v3. The compare-and-swap below catches any value that changed meanwhile.
+        // A plain 8-byte load is atomic on BPF, and LLVM has no atomic load instruction for
+        // cpu v3. The compare-and-swap below catches any value that changed meanwhile.
         // SAFETY: `tat_ns` points into a map value, which is 8-byte aligned.
         let current = unsafe { core::ptr::read_volatile(tat_ns) };
         let Some(next) = admit(current, now, limit, bytes) else {
@@ -223,8 +223,8 @@ fn count_other(ifindex: u32, direction: Direction, parsed: &Parsed) -> Verdict {
 #[inline(always)]
 fn count_client(slot: u32, direction: Direction, bytes: u64) {
     if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU value is only touched by this CPU, and programs do not nest on one
-        // CPU for the same hook.
+        // SAFETY: a per-CPU value is only touched by this CPU. The rx and tx programs write
+        // different fields, and a hook does not nest in itself on one CPU.
         unsafe { (*counters).record(direction, bytes) };
     }
 }

@@ -52,7 +52,7 @@ pub struct WatchArgs {
     /// Interface that faces the clients.
     #[arg(long, value_name = "IFACE")]
     tunnel: String,
-    /// How packets start on the interface.
+    /// Link-layer framing of packets on the interface.
     #[arg(long, value_enum, default_value = "l3")]
     framing: FramingArg,
     /// Client address to count; repeat for more clients.

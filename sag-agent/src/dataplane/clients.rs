@@ -1,4 +1,4 @@
-//! What the kernel enforces: clients with their limits and flags, and the instance settings
+//! Enforcement settings: clients with their limits and flags, and the instance settings
 //! copied into each client's record (blocking, client-to-client, address pools, allowed
 //! destinations, tunnel).
 
@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::{map_error, Dataplane, DataplaneError};
 
-/// What the kernel enforces for one client address.
+/// Settings the kernel enforces for one client address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientSettings {
     /// Kernel number of the client's instance (see [`Dataplane::set_instance`]); 0 for none,
@@ -33,7 +33,7 @@ pub struct ClientSettings {
     pub tx: RateLimit,
 }
 
-/// What the kernel enforces for one instance.
+/// Settings the kernel enforces for one instance.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceSettings {
     /// Drop all packets of the instance's clients (the instance is stopped or locked).
@@ -42,7 +42,8 @@ pub struct InstanceSettings {
     pub client_to_client: bool,
     /// The instance's client address blocks, at most [`MAX_POOL_BLOCKS`].
     pub pools: Vec<Ipv4Net>,
-    /// Where the instance's clients may send, at most [`MAX_ALLOWED_DESTINATIONS`] blocks.
+    /// Destination blocks the instance's clients may send to, at most
+    /// [`MAX_ALLOWED_DESTINATIONS`].
     /// Traffic to anything else (and to the pools, unless `client_to_client`) is dropped.
     pub allowed: Vec<Ipv4Net>,
 }
@@ -287,7 +288,7 @@ impl Dataplane {
             Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(map_error(name)(source)),
         }
-        // The kernel swaps in a new element, so a program mid-packet sees the old record or
+        // The kernel swaps in a new element, so a program mid-packet reads the old record or
         // the new one, never a mix.
         clients.insert(key, record, 0).map_err(map_error(name))
     }

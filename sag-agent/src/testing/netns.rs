@@ -43,9 +43,9 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates a namespace named from `prefix` with loopback up, IPv4 forwarding on, and the
-    /// kernel's own chatter off: IPv6 (router and neighbour solicitations) and ICMP redirects,
-    /// which a gateway otherwise sends to a client whose packet it routes back into the tunnel.
+    /// Creates a namespace named from `prefix`, with loopback up and IPv4 forwarding on.
+    /// The kernel's own chatter is off: IPv6 router and neighbour solicitations, and the ICMP
+    /// redirects a gateway sends to a client whose packet it routes back into the tunnel.
     pub fn new(prefix: &str) -> Result<Self> {
         let name = unique_name(prefix);
         run("ip", &["netns", "add", &name])?;

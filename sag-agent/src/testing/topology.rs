@@ -6,7 +6,7 @@
 //!   10.77.0.2..  ──  tun 10.77.0.1/24 │ veth 198.18.0.1/24 ── veth 198.18.0.2/24
 //! ```
 //!
-//! The test process holds the TUN device's file descriptor and plays the clients' side of the
+//! The test process keeps the TUN device's file descriptor and plays the clients' side of the
 //! tunnel: a packet it writes arrives on the TUN interface as if from a client, and a packet
 //! the gateway routes to a client is read back from it.
 

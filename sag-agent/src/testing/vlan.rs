@@ -2,7 +2,7 @@
 //!
 //! On an interface, every packet leaving gets tag 100 and every packet arriving loses it. With
 //! VLAN transmit offload off (`ethtool -K IFACE txvlan off`), the kernel writes the tag into
-//! the frame, so the peer's XDP program sees a real 802.1Q header.
+//! the frame, so the peer's XDP program parses a real 802.1Q header.
 
 use anyhow::{Context as _, Result};
 use aya::{
