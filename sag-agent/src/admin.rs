@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, sync::Arc};
 use chrono::{DateTime, Datelike as _, Months, Utc};
 use ipnet::Ipv4Net;
 use rand::Rng as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{Any, Row as _, Transaction};
 use tracing::info;
 
@@ -57,7 +57,7 @@ impl From<sqlx::Error> for AdminError {
 pub const STATE_RUNNING: &str = "running";
 
 /// An instance as the admin sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub id: String,
     pub owner: String,
@@ -74,14 +74,14 @@ pub struct Instance {
 }
 
 /// A CCN or CEN, by ID and name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamedNetwork {
     pub id: String,
     pub name: String,
 }
 
 /// The network configuration of an instance.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub ccn: Option<NamedNetwork>,
     pub cen: Option<NamedNetwork>,
@@ -93,7 +93,7 @@ pub struct Network {
 }
 
 /// A client account as the admin sees it; the password hash never leaves the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub instance_id: String,
     pub username: String,
@@ -105,7 +105,7 @@ pub struct Account {
 }
 
 /// A new account and its password, shown once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreatedAccount {
     pub account: Account,
     pub password: String,

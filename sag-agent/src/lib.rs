@@ -1,8 +1,11 @@
 //! sag's agent as a library: the modules behind the `sag-agent` binary.
 
 pub mod admin;
+pub mod api;
+pub mod api_client;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod credentials;
 pub mod dataplane;
 pub mod pools;

@@ -1,10 +1,20 @@
 //! Command-line interface of `sag-agent`.
+//!
+//! Exit codes: 0 success, 1 failure (the agent unreachable, an internal error), 2 bad command
+//! line, 3 invalid value, 4 not found, 5 conflict or refused.
 
+mod admin;
+mod daemon;
 mod dataplane;
+mod table;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
-/// sag: a remote-access gateway whose per-client accounting runs in the kernel.
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+use crate::config::DEFAULT_SOCKET;
+
+/// sag: a remote-access gateway whose per-client accounting and limits run in the kernel.
 #[derive(Debug, Parser)]
 #[command(name = "sag-agent", version, about)]
 pub struct Cli {
@@ -12,19 +22,63 @@ pub struct Cli {
     command: Command,
 }
 
+/// Options of the commands that talk to a running agent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOptions {
+    /// Admin socket of the agent.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: the store, the admin API and the dataplane.
+    Run(daemon::RunArgs),
+    /// Create, list, show and delete instances.
+    Instance(admin::InstanceCommand),
+    /// Show and change an instance's network configuration.
+    Network(admin::NetworkCommand),
+    /// Create, list and change client accounts.
+    Account(admin::AccountCommand),
     /// Inspect and drive the kernel programs directly.
     #[command(subcommand)]
     Dataplane(dataplane::DataplaneCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs a parsed command line.
 ///
 /// # Errors
-/// Returns the command's error, for `main` to print.
+/// Returns the command's error, for `main` to print and map to an exit code.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => daemon::run(args),
+        Command::Instance(command) => admin::run_instance(command),
+        Command::Network(command) => admin::run_network(command),
+        Command::Account(command) => admin::run_account(command),
         Command::Dataplane(command) => dataplane::run(command),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sag-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
+}
+
+/// Returns the exit code for an error returned by [`run`].
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    error
+        .downcast_ref::<crate::api_client::ClientError>()
+        .map_or(1, crate::api_client::ClientError::exit_code)
 }

@@ -1,0 +1,340 @@
+//! The admin API: HTTP/1.1 with JSON bodies on a Unix socket that only root can open.
+//!
+//! Errors come back as `{"kind": ..., "error": ...}` with status 400 (invalid), 404 (not
+//! found), 409 (conflict or refused) or 500.
+
+use std::{
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use axum::{
+    extract::{Path as UrlPath, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::UnixListener;
+use tracing::{error, info, warn};
+
+use crate::admin::{Admin, AdminError, NetworkChange, NetworkChoice, NewAccount, NewInstance};
+
+/// An error reply of the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// `invalid`, `not_found`, `conflict`, `refused` or `internal`.
+    pub kind: String,
+    /// The message for the admin.
+    pub error: String,
+}
+
+struct ApiError(AdminError);
+
+impl From<AdminError> for ApiError {
+    fn from(error: AdminError) -> Self {
+        Self(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self.0 {
+            AdminError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            AdminError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AdminError::Refused(_) => (StatusCode::CONFLICT, "refused"),
+            AdminError::Store(_) | AdminError::Credential(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            error!(error = ?self.0, "admin request failed");
+            format!("{:#}", anyhow::Error::from(self.0))
+        } else {
+            warn!(kind, error = %self.0, "admin request rejected");
+            self.0.to_string()
+        };
+        (status, Json(ErrorReply { kind: kind.to_owned(), error: message })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Body of `POST /instances`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateInstanceBody {
+    pub owner: String,
+    pub area: String,
+    pub account_quota: u32,
+    pub months: u32,
+}
+
+/// Body of `POST /instances/trial`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TrialBody {
+    pub owner: String,
+    pub area: String,
+}
+
+/// Body of `PATCH /instances/{id}/network`; absent fields stay as they are.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct NetworkBody {
+    pub ccn_id: Option<String>,
+    pub ccn_name: Option<String>,
+    pub cen_id: Option<String>,
+    pub cen_name: Option<String>,
+    /// An address, or the empty string to remove the server.
+    pub dns_active: Option<String>,
+    pub dns_standby: Option<String>,
+    pub cidr_blocks: Option<Vec<Ipv4Net>>,
+    pub allowed_destinations: Option<Vec<Ipv4Net>>,
+    pub client_to_client: Option<bool>,
+}
+
+/// Body of `POST /instances/{id}/accounts`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CreateAccountBody {
+    pub username: Option<String>,
+    pub email: String,
+    pub password: Option<String>,
+    pub static_ip: Option<Ipv4Addr>,
+    pub bandwidth_kbps: Option<u32>,
+}
+
+/// Body of `PATCH /instances/{id}/accounts/{username}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct UpdateAccountBody {
+    pub enabled: Option<bool>,
+    pub bandwidth_kbps: Option<u32>,
+    /// An address, or the empty string to clear it.
+    pub static_ip: Option<String>,
+}
+
+/// Body of `POST /instances/{id}/accounts/{username}/password`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PasswordBody {
+    /// The new password; without it one is generated.
+    pub password: Option<String>,
+}
+
+/// Reply of a password reset: the new password, shown once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PasswordReply {
+    pub password: String,
+}
+
+fn choice(
+    id: Option<String>,
+    name: Option<String>,
+    field: &'static str,
+) -> Result<Option<NetworkChoice>, AdminError> {
+    match (id, name) {
+        (Some(_), Some(_)) => Err(AdminError::Invalid(crate::validation::ValidationError {
+            field,
+            rule: "give an existing ID or a new name, not both".to_owned(),
+            value: "both".to_owned(),
+        })),
+        (Some(id), None) => Ok(Some(NetworkChoice::Existing(id))),
+        (None, Some(name)) => Ok(Some(NetworkChoice::Create(name))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn optional_address(
+    field: &'static str,
+    text: Option<String>,
+) -> Result<Option<Option<Ipv4Addr>>, AdminError> {
+    match text {
+        None => Ok(None),
+        Some(text) if text.is_empty() => Ok(Some(None)),
+        Some(text) => text.parse().map(|address| Some(Some(address))).map_err(|_| {
+            AdminError::Invalid(crate::validation::ValidationError {
+                field,
+                rule: "must be an IPv4 address".to_owned(),
+                value: format!("{text:?}"),
+            })
+        }),
+    }
+}
+
+/// Builds the API's routes over `admin`.
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/instances", get(list_instances).post(create_instance))
+        .route("/instances/trial", post(claim_trial))
+        .route("/instances/{id}", get(show_instance).delete(delete_instance))
+        .route("/instances/{id}/network", get(show_network).patch(set_network))
+        .route("/instances/{id}/accounts", get(list_accounts).post(create_account))
+        .route(
+            "/instances/{id}/accounts/{username}",
+            get(show_account).patch(update_account).delete(delete_account),
+        )
+        .route("/instances/{id}/accounts/{username}/password", post(reset_password))
+        .with_state(admin)
+}
+
+async fn list_instances(State(admin): State<Admin>) -> ApiResult<Vec<crate::admin::Instance>> {
+    Ok(Json(admin.list_instances().await?))
+}
+
+async fn create_instance(
+    State(admin): State<Admin>,
+    Json(body): Json<CreateInstanceBody>,
+) -> ApiResult<crate::admin::Instance> {
+    let new = NewInstance {
+        owner: body.owner,
+        area: body.area,
+        account_quota: body.account_quota,
+        months: body.months,
+    };
+    Ok(Json(admin.create_instance(&new).await?))
+}
+
+async fn claim_trial(
+    State(admin): State<Admin>,
+    Json(body): Json<TrialBody>,
+) -> ApiResult<crate::admin::Instance> {
+    Ok(Json(admin.claim_trial(&body.owner, &body.area).await?))
+}
+
+async fn show_instance(
+    State(admin): State<Admin>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<crate::admin::Instance> {
+    Ok(Json(admin.instance(&id).await?))
+}
+
+async fn delete_instance(
+    State(admin): State<Admin>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    admin.delete_instance(&id).await?;
+    Ok(Json(json!({ "deleted": id })))
+}
+
+async fn show_network(
+    State(admin): State<Admin>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<crate::admin::Network> {
+    Ok(Json(admin.network(&id).await?))
+}
+
+async fn set_network(
+    State(admin): State<Admin>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<NetworkBody>,
+) -> ApiResult<crate::admin::Network> {
+    let change = NetworkChange {
+        ccn: choice(body.ccn_id, body.ccn_name, "ccn")?,
+        cen: choice(body.cen_id, body.cen_name, "cen")?,
+        dns_active: optional_address("dns_active", body.dns_active)?,
+        dns_standby: optional_address("dns_standby", body.dns_standby)?,
+        cidr_blocks: body.cidr_blocks,
+        allowed_destinations: body.allowed_destinations,
+        client_to_client: body.client_to_client,
+    };
+    Ok(Json(admin.set_network(&id, &change).await?))
+}
+
+async fn list_accounts(
+    State(admin): State<Admin>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Vec<crate::admin::Account>> {
+    Ok(Json(admin.list_accounts(&id).await?))
+}
+
+async fn create_account(
+    State(admin): State<Admin>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<CreateAccountBody>,
+) -> ApiResult<crate::admin::CreatedAccount> {
+    let new = NewAccount {
+        username: body.username,
+        email: body.email,
+        password: body.password,
+        static_ip: body.static_ip,
+        bandwidth_kbps: body.bandwidth_kbps,
+    };
+    Ok(Json(admin.create_account(&id, &new).await?))
+}
+
+async fn show_account(
+    State(admin): State<Admin>,
+    UrlPath((id, username)): UrlPath<(String, String)>,
+) -> ApiResult<crate::admin::Account> {
+    Ok(Json(admin.account(&id, &username).await?))
+}
+
+async fn update_account(
+    State(admin): State<Admin>,
+    UrlPath((id, username)): UrlPath<(String, String)>,
+    Json(body): Json<UpdateAccountBody>,
+) -> ApiResult<crate::admin::Account> {
+    let mut account = admin.account(&id, &username).await?;
+    if let Some(address) = optional_address("static_ip", body.static_ip)? {
+        account = admin.set_static_ip(&id, &username, address).await?;
+    }
+    if let Some(kbps) = body.bandwidth_kbps {
+        account = admin.set_bandwidth(&id, &username, kbps).await?;
+    }
+    if let Some(enabled) = body.enabled {
+        account = admin.set_enabled(&id, &username, enabled).await?;
+    }
+    Ok(Json(account))
+}
+
+async fn delete_account(
+    State(admin): State<Admin>,
+    UrlPath((id, username)): UrlPath<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    admin.delete_account(&id, &username).await?;
+    Ok(Json(json!({ "deleted": username })))
+}
+
+async fn reset_password(
+    State(admin): State<Admin>,
+    UrlPath((id, username)): UrlPath<(String, String)>,
+    Json(body): Json<PasswordBody>,
+) -> ApiResult<PasswordReply> {
+    let password = admin.reset_password(&id, &username, body.password.as_deref()).await?;
+    Ok(Json(PasswordReply { password }))
+}
+
+/// Binds the admin socket at `path`: its directory is created with mode 0700 and the socket
+/// gets mode 0600, so only root can connect. A stale socket file is replaced.
+///
+/// # Errors
+/// Fails if the directory or socket cannot be made.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(directory) = path.parent() {
+        std::fs::create_dir_all(directory)?;
+        std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// Fails if the server fails.
+pub async fn serve(
+    listener: UnixListener,
+    admin: Admin,
+    socket: PathBuf,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    info!(socket = %socket.display(), "admin API listening");
+    axum::serve(listener, router(admin)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,476 @@
+//! `sag-agent instance|network|account`: the admin commands, sent to the running agent.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Subcommand};
+use hyper::Method;
+use ipnet::Ipv4Net;
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::{table, ClientOptions};
+use crate::{
+    admin::{Account, CreatedAccount, Instance, Network},
+    api::{
+        CreateAccountBody, CreateInstanceBody, NetworkBody, PasswordBody, PasswordReply, TrialBody,
+        UpdateAccountBody,
+    },
+    api_client::ApiClient,
+};
+
+#[derive(Debug, Args)]
+pub struct InstanceCommand {
+    #[command(flatten)]
+    options: ClientOptions,
+    #[command(subcommand)]
+    action: InstanceAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceAction {
+    /// Create an instance.
+    Create {
+        /// Who the instance belongs to.
+        #[arg(long)]
+        owner: String,
+        /// Area it serves, such as cn-hangzhou or eu-central-1; it sets the pricing zone.
+        #[arg(long)]
+        area: String,
+        /// Client accounts it may have, 5 to 1,000.
+        #[arg(long)]
+        quota: u32,
+        /// Subscription period, in months.
+        #[arg(long, default_value_t = 1)]
+        months: u32,
+    },
+    /// Claim the owner's free trial instance: 1 account, 2 Mbit/s, one year; once per owner.
+    Trial {
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        area: String,
+    },
+    /// List the instances.
+    List,
+    /// Show one instance with its network configuration.
+    Show { id: String },
+    /// Delete an instance with its configuration and accounts.
+    Delete { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkCommand {
+    #[command(flatten)]
+    options: ClientOptions,
+    #[command(subcommand)]
+    action: NetworkAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkAction {
+    /// Show an instance's network configuration.
+    Show { id: String },
+    /// Change an instance's network configuration; options not given stay as they are.
+    Set(NetworkSetArgs),
+}
+
+#[derive(Debug, Args)]
+struct NetworkSetArgs {
+    id: String,
+    /// Associate an existing CCN by ID.
+    #[arg(long, conflicts_with = "ccn_name")]
+    ccn_id: Option<String>,
+    /// Create a CCN with this name and associate it.
+    #[arg(long)]
+    ccn_name: Option<String>,
+    /// Associate an existing CEN by ID.
+    #[arg(long, conflicts_with = "cen_name")]
+    cen_id: Option<String>,
+    /// Create a CEN with this name and associate it.
+    #[arg(long)]
+    cen_name: Option<String>,
+    /// Active DNS server pushed to clients; an empty value removes it.
+    #[arg(long)]
+    dns_active: Option<String>,
+    /// Standby DNS server pushed to clients; an empty value removes it.
+    #[arg(long)]
+    dns_standby: Option<String>,
+    /// Client address blocks, 1 to 5, replacing the current ones; repeat for more.
+    #[arg(long = "cidr-block", value_name = "CIDR")]
+    cidr_blocks: Vec<Ipv4Net>,
+    /// Destinations clients may reach, replacing the current ones; repeat for more.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allowed: Vec<Ipv4Net>,
+    /// Remove every allowed destination.
+    #[arg(long, conflicts_with = "allowed")]
+    allow_none: bool,
+    /// Whether the instance's clients may reach each other.
+    #[arg(long)]
+    client_to_client: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct AccountCommand {
+    #[command(flatten)]
+    options: ClientOptions,
+    #[command(subcommand)]
+    action: AccountAction,
+}
+
+/// Where a password comes from: never the command line, which other users can read.
+#[derive(Debug, Args)]
+struct PasswordSource {
+    /// Read the password from the first line of this file.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the password from this environment variable.
+    #[arg(long, value_name = "VAR", conflicts_with = "password_file")]
+    password_env: Option<String>,
+}
+
+impl PasswordSource {
+    fn read(&self) -> Result<Option<String>> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read --password-file {}", path.display()))?;
+            return Ok(Some(text.lines().next().unwrap_or_default().to_owned()));
+        }
+        if let Some(variable) = &self.password_env {
+            let value = std::env::var(variable)
+                .with_context(|| format!("--password-env {variable}: the variable is not set"))?;
+            return Ok(Some(value));
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountAction {
+    /// Create an account. With only --email, the email is the username and a password is
+    /// generated. The password is printed once.
+    Create {
+        instance: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        username: Option<String>,
+        #[command(flatten)]
+        password: PasswordSource,
+        /// A fixed client address inside the instance's blocks.
+        #[arg(long)]
+        static_ip: Option<Ipv4Addr>,
+        /// Bandwidth each way, in kbit/s (default 2,000).
+        #[arg(long, value_name = "KBIT/S")]
+        bandwidth: Option<u32>,
+    },
+    /// List an instance's accounts.
+    List { instance: String },
+    /// Show one account.
+    Show { instance: String, username: String },
+    /// Enable an account.
+    Enable { instance: String, username: String },
+    /// Disable an account: its client is cut off at once.
+    Disable { instance: String, username: String },
+    /// Delete an account; refused while it has used data this month.
+    Delete { instance: String, username: String },
+    /// Set a new password, generated unless given; it is printed once.
+    ResetPassword {
+        instance: String,
+        username: String,
+        #[command(flatten)]
+        password: PasswordSource,
+    },
+    /// Change an account's bandwidth or static address.
+    Set {
+        instance: String,
+        username: String,
+        /// Bandwidth each way, in kbit/s.
+        #[arg(long, value_name = "KBIT/S")]
+        bandwidth: Option<u32>,
+        /// A fixed client address inside the instance's blocks.
+        #[arg(long, conflicts_with = "no_static_ip")]
+        static_ip: Option<Ipv4Addr>,
+        /// Remove the static address: the client gets one from the pool.
+        #[arg(long)]
+        no_static_ip: bool,
+    },
+}
+
+/// Runs one request on a fresh single-threaded runtime.
+fn call<T: DeserializeOwned>(
+    options: &ClientOptions,
+    method: Method,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = ApiClient::new(&options.socket);
+    Ok(runtime.block_on(client.call(method, path, body))?)
+}
+
+const NO_BODY: Option<&()> = None;
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn instance_row(instance: &Instance) -> Vec<String> {
+    vec![
+        instance.id.clone(),
+        instance.owner.clone(),
+        instance.area.clone(),
+        instance.account_quota.to_string(),
+        instance.state.clone(),
+        instance.expires_at.format("%Y-%m-%d").to_string(),
+        if instance.trial { "yes" } else { "no" }.to_owned(),
+    ]
+}
+
+const INSTANCE_HEADER: [&str; 7] = ["ID", "OWNER", "AREA", "QUOTA", "STATE", "EXPIRES", "TRIAL"];
+
+fn blocks_text(blocks: &[Ipv4Net]) -> String {
+    if blocks.is_empty() {
+        "-".to_owned()
+    } else {
+        blocks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn print_network(network: &Network) {
+    let named = |network: &Option<crate::admin::NamedNetwork>| {
+        network.as_ref().map_or("-".to_owned(), |n| format!("{} ({})", n.name, n.id))
+    };
+    let address = |address: Option<Ipv4Addr>| address.map_or("-".to_owned(), |a| a.to_string());
+    table::print_fields(&[
+        ("CCN", named(&network.ccn)),
+        ("CEN", named(&network.cen)),
+        ("DNS active", address(network.dns_active)),
+        ("DNS standby", address(network.dns_standby)),
+        ("CIDR blocks", blocks_text(&network.cidr_blocks)),
+        ("allowed destinations", blocks_text(&network.allowed_destinations)),
+        (
+            "client to client",
+            if network.client_to_client { "allowed" } else { "blocked" }.to_owned(),
+        ),
+    ]);
+}
+
+/// Runs an instance command.
+pub fn run_instance(command: InstanceCommand) -> Result<()> {
+    let options = &command.options;
+    match command.action {
+        InstanceAction::Create { owner, area, quota, months } => {
+            let body = CreateInstanceBody { owner, area, account_quota: quota, months };
+            let instance: Instance = call(options, Method::POST, "/instances", Some(&body))?;
+            show_instances(options, &[instance])
+        }
+        InstanceAction::Trial { owner, area } => {
+            let instance: Instance =
+                call(options, Method::POST, "/instances/trial", Some(&TrialBody { owner, area }))?;
+            show_instances(options, &[instance])
+        }
+        InstanceAction::List => {
+            let instances: Vec<Instance> = call(options, Method::GET, "/instances", NO_BODY)?;
+            show_instances(options, &instances)
+        }
+        InstanceAction::Show { id } => {
+            let instance: Instance =
+                call(options, Method::GET, &format!("/instances/{id}"), NO_BODY)?;
+            let network: Network =
+                call(options, Method::GET, &format!("/instances/{id}/network"), NO_BODY)?;
+            if options.json {
+                return print_json(
+                    &serde_json::json!({ "instance": instance, "network": network }),
+                );
+            }
+            table::print_fields(&[
+                ("ID", instance.id.clone()),
+                ("owner", instance.owner.clone()),
+                ("area", format!("{} ({})", instance.area, instance.zone)),
+                ("account quota", instance.account_quota.to_string()),
+                ("state", instance.state.clone()),
+                ("created", instance.created_at.to_rfc3339()),
+                ("expires", instance.expires_at.to_rfc3339()),
+                ("trial", instance.trial.to_string()),
+            ]);
+            print_network(&network);
+            Ok(())
+        }
+        InstanceAction::Delete { id } => {
+            let reply: serde_json::Value =
+                call(options, Method::DELETE, &format!("/instances/{id}"), NO_BODY)?;
+            if options.json {
+                return print_json(&reply);
+            }
+            println!("deleted instance {id}");
+            Ok(())
+        }
+    }
+}
+
+fn show_instances(options: &ClientOptions, instances: &[Instance]) -> Result<()> {
+    if options.json {
+        return print_json(&instances);
+    }
+    table::print(&INSTANCE_HEADER, &instances.iter().map(instance_row).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// Runs a network command.
+pub fn run_network(command: NetworkCommand) -> Result<()> {
+    let options = &command.options;
+    let network: Network = match command.action {
+        NetworkAction::Show { id } => {
+            call(options, Method::GET, &format!("/instances/{id}/network"), NO_BODY)?
+        }
+        NetworkAction::Set(args) => {
+            let body = NetworkBody {
+                ccn_id: args.ccn_id,
+                ccn_name: args.ccn_name,
+                cen_id: args.cen_id,
+                cen_name: args.cen_name,
+                dns_active: args.dns_active,
+                dns_standby: args.dns_standby,
+                cidr_blocks: (!args.cidr_blocks.is_empty()).then_some(args.cidr_blocks),
+                allowed_destinations: if args.allow_none {
+                    Some(Vec::new())
+                } else {
+                    (!args.allowed.is_empty()).then_some(args.allowed)
+                },
+                client_to_client: args.client_to_client,
+            };
+            call(options, Method::PATCH, &format!("/instances/{}/network", args.id), Some(&body))?
+        }
+    };
+    if options.json {
+        return print_json(&network);
+    }
+    print_network(&network);
+    Ok(())
+}
+
+const ACCOUNT_HEADER: [&str; 6] =
+    ["USERNAME", "EMAIL", "STATE", "BANDWIDTH", "STATIC IP", "CREATED"];
+
+fn account_row(account: &Account) -> Vec<String> {
+    vec![
+        account.username.clone(),
+        account.email.clone(),
+        if account.enabled { "enabled" } else { "disabled" }.to_owned(),
+        format!("{} kbit/s", account.bandwidth_kbps),
+        account.static_ip.map_or("-".to_owned(), |address| address.to_string()),
+        account.created_at.format("%Y-%m-%d").to_string(),
+    ]
+}
+
+fn show_accounts(options: &ClientOptions, accounts: &[Account]) -> Result<()> {
+    if options.json {
+        return print_json(&accounts);
+    }
+    table::print(&ACCOUNT_HEADER, &accounts.iter().map(account_row).collect::<Vec<_>>());
+    Ok(())
+}
+
+fn account_path(instance: &str, username: &str) -> String {
+    format!("/instances/{instance}/accounts/{username}")
+}
+
+/// Runs an account command.
+pub fn run_account(command: AccountCommand) -> Result<()> {
+    let options = &command.options;
+    match command.action {
+        AccountAction::Create { instance, email, username, password, static_ip, bandwidth } => {
+            let body = CreateAccountBody {
+                username,
+                email,
+                password: password.read()?,
+                static_ip,
+                bandwidth_kbps: bandwidth,
+            };
+            let created: CreatedAccount = call(
+                options,
+                Method::POST,
+                &format!("/instances/{instance}/accounts"),
+                Some(&body),
+            )?;
+            if options.json {
+                return print_json(&created);
+            }
+            show_accounts(options, std::slice::from_ref(&created.account))?;
+            println!("password: {}  (shown once; also sent by email)", created.password);
+            Ok(())
+        }
+        AccountAction::List { instance } => {
+            let accounts: Vec<Account> =
+                call(options, Method::GET, &format!("/instances/{instance}/accounts"), NO_BODY)?;
+            show_accounts(options, &accounts)
+        }
+        AccountAction::Show { instance, username } => {
+            let account: Account =
+                call(options, Method::GET, &account_path(&instance, &username), NO_BODY)?;
+            show_accounts(options, &[account])
+        }
+        AccountAction::Enable { instance, username } => {
+            set_enabled(options, &instance, &username, true)
+        }
+        AccountAction::Disable { instance, username } => {
+            set_enabled(options, &instance, &username, false)
+        }
+        AccountAction::Delete { instance, username } => {
+            let reply: serde_json::Value =
+                call(options, Method::DELETE, &account_path(&instance, &username), NO_BODY)?;
+            if options.json {
+                return print_json(&reply);
+            }
+            println!("deleted account {username} of instance {instance}");
+            Ok(())
+        }
+        AccountAction::ResetPassword { instance, username, password } => {
+            let body = PasswordBody { password: password.read()? };
+            let reply: PasswordReply = call(
+                options,
+                Method::POST,
+                &format!("{}/password", account_path(&instance, &username)),
+                Some(&body),
+            )?;
+            if options.json {
+                return print_json(&reply);
+            }
+            println!(
+                "new password of {username}: {}  (shown once; also sent by email)",
+                reply.password
+            );
+            Ok(())
+        }
+        AccountAction::Set { instance, username, bandwidth, static_ip, no_static_ip } => {
+            if bandwidth.is_none() && static_ip.is_none() && !no_static_ip {
+                bail!("nothing to change: give --bandwidth, --static-ip or --no-static-ip");
+            }
+            let body = UpdateAccountBody {
+                enabled: None,
+                bandwidth_kbps: bandwidth,
+                static_ip: if no_static_ip {
+                    Some(String::new())
+                } else {
+                    static_ip.map(|a| a.to_string())
+                },
+            };
+            let account: Account =
+                call(options, Method::PATCH, &account_path(&instance, &username), Some(&body))?;
+            show_accounts(options, &[account])
+        }
+    }
+}
+
+fn set_enabled(
+    options: &ClientOptions,
+    instance: &str,
+    username: &str,
+    enabled: bool,
+) -> Result<()> {
+    let body = UpdateAccountBody { enabled: Some(enabled), ..UpdateAccountBody::default() };
+    let account: Account =
+        call(options, Method::PATCH, &account_path(instance, username), Some(&body))?;
+    show_accounts(options, &[account])
+}
