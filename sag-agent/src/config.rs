@@ -99,7 +99,7 @@ impl Config {
                 + &error
                     .span()
                     .map(|span| {
-                        let line = text[..span.start].lines().count().max(1);
+                        let line = text[..span.start].matches('\n').count() + 1;
                         format!(" (line {line})")
                     })
                     .unwrap_or_default(),

@@ -240,7 +240,7 @@ fn attach_to_missing_interface_fails() {
         .enter(|| dataplane.attach("sag-no-such0", Framing::L3))
         .unwrap()
         .unwrap_err();
-    assert!(error.to_string().contains("sag_rx_l3"), "{error}");
+    assert!(error.to_string().starts_with("interface \"sag-no-such0\" not found"), "{error}");
     assert!(dataplane.attached().is_empty());
 }
 
@@ -305,4 +305,64 @@ fn ethernet_untagged_counts_exactly() {
 #[test]
 fn ethernet_vlan_tagged_counts_exactly() {
     ethernet_counts_exactly(true);
+}
+
+#[test]
+fn wrong_framing_is_rejected() {
+    let topology = TunTopology::new().unwrap();
+    let mut dataplane = Dataplane::load(None).unwrap();
+    let error = topology
+        .gateway
+        .enter(|| dataplane.attach(topology.tun_name(), Framing::Ethernet))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "interface {:?} carries L3 frames (link type 65534), not Ethernet: attach it with L3 \
+             framing",
+            topology.tun_name()
+        )
+    );
+    let ethernet = EthernetTopology::new(false, 1).unwrap();
+    let error = ethernet
+        .gateway
+        .enter(|| dataplane.attach(&ethernet.gateway_link, Framing::L3))
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("carries Ethernet frames (link type 1), not L3"), "{error}");
+    assert!(dataplane.attached().is_empty());
+}
+
+#[test]
+fn second_agent_cannot_attach() {
+    let topology = TunTopology::new().unwrap();
+    let _first = load_attached(&topology, RxHook::TcIngress);
+    let mut second = Dataplane::load(None).unwrap();
+    let error = topology
+        .gateway
+        .enter(|| second.attach(topology.tun_name(), Framing::L3))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "interface {:?} already has sag's programs attached by another process; stop that \
+             agent first",
+            topology.tun_name()
+        )
+    );
+}
+
+#[test]
+fn pin_dir_off_bpffs_is_rejected() {
+    let dir = std::env::temp_dir().join(sag_agent::testing::netns::unique_name("sag-pin-"));
+    let error = Dataplane::load(Some(&dir)).err().expect("a pin directory on tmpfs is refused");
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("pin directory {} is not on a bpffs mount", dir.display())),
+        "{error}"
+    );
+    assert!(!dir.exists(), "nothing was created");
 }

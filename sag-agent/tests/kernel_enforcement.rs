@@ -156,12 +156,14 @@ fn two_clients_limited_independently_and_live_change() {
             rate_kbps: 4_000.0,
         },
     ];
+    // At 4 s the slow client goes up to 1,000 kbit/s and the fast one down to 512.
     let change_at = Duration::from_secs(4);
     let mut changed = false;
     let duration = Duration::from_secs(8);
     send_paced(&topology.tun, &flows, start, duration, |elapsed| {
         if !changed && elapsed >= change_at {
             dataplane.update_client(slow, &limited(1_000)).unwrap();
+            dataplane.update_client(fast, &limited(512)).unwrap();
             changed = true;
         }
     })
@@ -169,19 +171,20 @@ fn two_clients_limited_independently_and_live_change() {
     let slow_arrivals = slow_receiver.finish();
     let fast_arrivals = fast_receiver.finish();
 
-    assert_rate(
-        "slow client before the change",
-        rate_kbps(&slow_arrivals, WARM_UP, change_at),
-        512.0,
-    );
-    // The new rate holds from at most 1 s after the change.
-    let settled = change_at + Duration::from_secs(1);
-    assert_rate(
-        "slow client after the change",
-        rate_kbps(&slow_arrivals, settled, duration),
-        1_000.0,
-    );
-    assert_rate("fast client", rate_kbps(&fast_arrivals, WARM_UP, duration), 2_000.0);
+    assert_rate("slow client before", rate_kbps(&slow_arrivals, WARM_UP, change_at), 512.0);
+    assert_rate("fast client before", rate_kbps(&fast_arrivals, WARM_UP, change_at), 2_000.0);
+    // Each new rate holds over the second that starts 1 s after the change, and after it. A
+    // change that took longer than 1 s would leave the first of these windows off by more
+    // than 5%: the old and new rates differ by 2x or more.
+    let second = Duration::from_secs(1);
+    for (name, arrivals, rate) in
+        [("slow", &slow_arrivals, 1_000.0), ("fast", &fast_arrivals, 512.0)]
+    {
+        let window = rate_kbps(arrivals, change_at + second, change_at + 2 * second);
+        assert_rate(&format!("{name} client 1-2 s after the change"), window, rate);
+        let rest = rate_kbps(arrivals, change_at + 2 * second, duration);
+        assert_rate(&format!("{name} client 2-4 s after the change"), rest, rate);
+    }
 }
 
 /// Sends `count` UDP packets from `source` to the sink and returns how many arrived.
@@ -220,9 +223,13 @@ fn drop_reasons_in_namespaces() {
     assert_eq!(send_and_count(&topology, disabled, LAN_SERVER, 4), 0);
     // A source that is no client of the tunnel's instance: spoofed.
     assert_eq!(send_and_count(&topology, Ipv4Addr::new(10, 77, 0, 200), LAN_SERVER, 3), 0);
-    // A destination outside the allowed blocks. The lan namespace owns 198.18.1.2 too, so a
-    // packet that got through would be delivered.
+    // A destination outside the allowed blocks. The lan namespace owns 198.18.1.2 too and the
+    // gateway routes to it, so a packet that got through would be delivered.
     topology.lan.ip(&["addr", "add", "198.18.1.2/32", "dev", "lo"]).unwrap();
+    topology
+        .gateway
+        .ip(&["route", "add", "198.18.1.0/24", "via", &LAN_SERVER.to_string()])
+        .unwrap();
     let outside = Ipv4Addr::new(198, 18, 1, 2);
     let receiver = Receiver::start(
         bind_udp(&topology.lan, SocketAddrV4::new(outside, SINK_PORT)).unwrap(),
@@ -231,6 +238,20 @@ fn drop_reasons_in_namespaces() {
     .unwrap();
     send_and_count(&topology, client, outside, 2);
     assert_eq!(receiver.finish().len(), 0, "not-allowed packets never arrive");
+    // The control: allowed, the same packets arrive.
+    let widened = InstanceSettings {
+        allowed: vec!["198.18.0.0/23".parse().unwrap()],
+        ..instance_settings(false)
+    };
+    dataplane.set_instance(INSTANCE, &widened).unwrap();
+    let receiver = Receiver::start(
+        bind_udp(&topology.lan, SocketAddrV4::new(outside, SINK_PORT)).unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    send_and_count(&topology, client, outside, 2);
+    assert_eq!(receiver.finish().len(), 2, "allowed packets to 198.18.1.2 arrive");
+    dataplane.set_instance(INSTANCE, &instance_settings(false)).unwrap();
     // The whole instance stopped: blocked, then restored.
     dataplane.set_instance(INSTANCE, &instance_settings(true)).unwrap();
     assert_eq!(send_and_count(&topology, client, LAN_SERVER, 6), 0);
@@ -239,7 +260,7 @@ fn drop_reasons_in_namespaces() {
 
     let bytes = 100;
     let counted = dataplane.client_counters(client).unwrap();
-    assert_eq!(counted.rx_packets, 6);
+    assert_eq!(counted.rx_packets, 8);
     assert_eq!(counted.rx_dropped.not_allowed, PacketCounter { packets: 2, bytes: 2 * bytes });
     assert_eq!(counted.rx_dropped.blocked, PacketCounter { packets: 6, bytes: 6 * bytes });
     let counted = dataplane.client_counters(disabled).unwrap();
@@ -254,14 +275,25 @@ fn drop_reasons_in_namespaces() {
     assert_eq!(spoofed.counter, PacketCounter { packets: 3, bytes: 3 * bytes });
 }
 
+/// A one-shot iperf3 server, killed when dropped if it is still running.
+struct Iperf3Server(Child);
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a one-shot iperf3 server in `netns` on `port`; it exits after one test.
-fn iperf3_server(netns: &Netns, port: u16) -> Child {
-    Command::new("ip")
+fn iperf3_server(netns: &Netns, port: u16) -> Iperf3Server {
+    let child = Command::new("ip")
         .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
         .args(["--port", &port.to_string(), "--bind", &LAN_SERVER.to_string()])
         .stdout(Stdio::null())
         .spawn()
-        .expect("iperf3 starts")
+        .expect("iperf3 starts");
+    Iperf3Server(child)
 }
 
 /// Runs a 6-second TCP test from a client behind an Ethernet link limited to `rate` kbit/s
@@ -278,7 +310,7 @@ fn tcp_goodput(rate: u32, port: u16) -> f64 {
     let settings = ClientSettings { instance: 0, ..limited(rate) };
     dataplane.add_client(client, &settings).unwrap();
 
-    let mut server = iperf3_server(&topology.lan, port);
+    let server = iperf3_server(&topology.lan, port);
     std::thread::sleep(Duration::from_millis(300));
     let output = topology
         .clients
@@ -299,7 +331,7 @@ fn tcp_goodput(rate: u32, port: u16) -> f64 {
             "--json",
         ])
         .unwrap();
-    let _ = server.wait();
+    drop(server);
     let report: Value = serde_json::from_str(&output).unwrap();
     let goodput = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1_000.0;
     let counters: ClientCounters = dataplane.client_counters(client).unwrap();
@@ -327,4 +359,64 @@ fn tcp_goodput_2000_kbps() {
         (0.85..=1.05).contains(&ratio),
         "goodput {goodput:.1} kbit/s at 2,000 (ratio {ratio:.3})"
     );
+}
+
+/// Sends UDP from the server to one client at twice its tx limit for 6 s, reading what the
+/// gateway delivers from the tunnel, and checks the delivered rate and the drop counter.
+fn udp_to_client_at_twice_the_limit(rate: u32, payload: usize) {
+    let topology = TunTopology::new().unwrap();
+    let mut dataplane = enforcing(&topology);
+    let client = client_address(0);
+    dataplane.add_client(client, &limited(rate)).unwrap();
+    let socket = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, 0)).unwrap();
+    let duration = Duration::from_secs(6);
+    let interval =
+        Duration::from_secs_f64((payload + 28) as f64 * 8.0 / (f64::from(rate) * 2_000.0));
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        let data = vec![0x44; payload];
+        while start.elapsed() < duration {
+            let due = (start.elapsed().as_secs_f64() / interval.as_secs_f64()) as u64 + 1;
+            while sent < due {
+                socket.send_to(&data, SocketAddrV4::new(client, 9)).unwrap();
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sent
+    });
+    let mut arrivals = Vec::new();
+    while let Some(packet) = topology.tun.recv(Duration::from_millis(300)).unwrap() {
+        arrivals.push((start.elapsed(), packet.len()));
+        if start.elapsed() > duration + Duration::from_secs(2) {
+            break;
+        }
+    }
+    let sent = sender.join().unwrap();
+    let delivered = arrivals.len() as u64;
+    assert_rate(
+        &format!("{rate} kbit/s to the client"),
+        rate_kbps(&arrivals, WARM_UP, duration),
+        f64::from(rate),
+    );
+    let counters = dataplane.client_counters(client).unwrap();
+    let packet_bytes = (payload + 28) as u64;
+    assert_eq!(counters.tx_packets, delivered, "passed packets equal delivered packets");
+    assert_eq!(
+        counters.tx_dropped.rate_limit,
+        PacketCounter { packets: sent - delivered, bytes: (sent - delivered) * packet_bytes },
+        "drops equal sent minus delivered ({sent} sent)"
+    );
+    eprintln!("{rate} kbit/s to the client: {sent} sent, {delivered} delivered");
+}
+
+#[test]
+fn udp_limit_to_client_512_kbps() {
+    udp_to_client_at_twice_the_limit(512, 472);
+}
+
+#[test]
+fn udp_limit_to_client_2000_kbps() {
+    udp_to_client_at_twice_the_limit(2_000, 972);
 }

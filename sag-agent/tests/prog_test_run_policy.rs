@@ -276,3 +276,75 @@ fn instance_zero_is_rejected() {
     let error = dataplane.bind_tunnel(3, 77).unwrap_err();
     assert!(error.to_string().starts_with("instance 77 not found"), "{error}");
 }
+
+#[test]
+fn bad_blocks_rejected() {
+    let mut dataplane = enforcing_dataplane();
+    let settings = |pools: &[&str], allowed: &[&str]| InstanceSettings {
+        pools: pools.iter().map(|block| block.parse().unwrap()).collect(),
+        allowed: allowed.iter().map(|block| block.parse().unwrap()).collect(),
+        ..InstanceSettings::default()
+    };
+    let cases = [
+        (
+            settings(&["10.77.0.5/24"], &[]),
+            "invalid pools: 10.77.0.5/24 has host bits set; write 10.77.0.0/24",
+        ),
+        (
+            settings(&["0.0.0.0/0"], &[]),
+            "invalid pools: 0.0.0.0/0 would make every address a client",
+        ),
+        (
+            settings(&["10.77.0.0/24", "10.77.0.0/24"], &[]),
+            "invalid pools: 10.77.0.0/24 is listed twice",
+        ),
+        (
+            settings(&["10.77.0.0/24", "10.77.0.0/16"], &[]),
+            "invalid pools: 10.77.0.0/16 overlaps 10.77.0.0/24",
+        ),
+        (
+            settings(&["10.0.0.0/8"], &["10.1.0.0/16"]),
+            "invalid allowed destinations: 10.1.0.0/16 overlaps pool 10.0.0.0/8; the \
+             client-to-client setting decides traffic inside pools",
+        ),
+        (
+            settings(&["10.77.0.0/24"], &["198.18.0.0/24", "198.18.0.0/24"]),
+            "invalid allowed destinations: 198.18.0.0/24 is listed twice",
+        ),
+    ];
+    for (settings, message) in cases {
+        let error = dataplane.set_instance(INSTANCE, &settings).unwrap_err();
+        assert_eq!(error.to_string(), message);
+    }
+    // The instance keeps its settings.
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)), XDP_PASS);
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, OUTSIDE, 1)), XDP_DROP);
+}
+
+#[test]
+fn client_outside_pools_rejected() {
+    let mut dataplane = enforcing_dataplane();
+    let settings = ClientSettings { instance: INSTANCE, ..ClientSettings::default() };
+    for address in
+        [Ipv4Addr::new(192, 0, 2, 50), Ipv4Addr::new(10, 77, 0, 0), Ipv4Addr::new(10, 77, 0, 255)]
+    {
+        let error = dataplane.add_client(address, &settings).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("invalid client {address}: not a usable host address of instance 5's pools")
+        );
+    }
+}
+
+#[test]
+fn rebinding_a_tunnel_moves_it() {
+    let mut dataplane = enforcing_dataplane();
+    // The test tunnel moves from INSTANCE to OTHER_INSTANCE: INSTANCE's clients become
+    // strangers on it, and OTHER_INSTANCE's clients are accepted.
+    let foreign = Ipv4Addr::new(10, 88, 0, 2);
+    let settings = ClientSettings { instance: OTHER_INSTANCE, ..ClientSettings::default() };
+    dataplane.add_client(foreign, &settings).unwrap();
+    dataplane.bind_tunnel(TEST_RUN_IFINDEX, OTHER_INSTANCE).unwrap();
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)), XDP_DROP);
+    assert_eq!(run(&dataplane, Program::RxL3, &packet(foreign, OUTSIDE, 1)), XDP_PASS);
+}

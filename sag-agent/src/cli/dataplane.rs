@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::dataplane::{
-    ClientSettings, Dataplane, InterfaceCounter, PinnedCounters, DEFAULT_PIN_DIR,
+    detect_framing, ClientSettings, Dataplane, InterfaceCounter, PinnedCounters, DEFAULT_PIN_DIR,
 };
 
 #[derive(Debug, Subcommand)]
@@ -52,17 +52,24 @@ pub struct WatchArgs {
     /// Interface that faces the clients.
     #[arg(long, value_name = "IFACE")]
     tunnel: String,
-    /// Link-layer framing of packets on the interface.
-    #[arg(long, value_enum, default_value = "l3")]
-    framing: FramingArg,
+    /// Link-layer framing of packets on the interface; by default it follows the interface's
+    /// link type (TUN and WireGuard: l3, Ethernet and veth: ethernet).
+    #[arg(long, value_enum)]
+    framing: Option<FramingArg>,
     /// Client address to count; repeat for more clients.
     #[arg(long = "client", value_name = "IPV4", required = true)]
     clients: Vec<Ipv4Addr>,
     /// bpffs directory for the pinned maps; counters kept there survive a restart.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
-    /// Limit each client to this rate in each direction, in kbit/s, with the default burst.
-    #[arg(long, value_name = "KBIT/S", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BOX_BANDWIDTH_KBPS)))]
+    /// Limit each client to this rate in each direction, 1 to 10,000,000 kbit/s, with a bucket
+    /// of 500 ms at that rate; without it, clients are counted but not limited.
+    #[arg(
+        long,
+        value_name = "KBIT/S",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BOX_BANDWIDTH_KBPS))
+    )]
     rate_kbps: Option<u32>,
     /// Seconds between two prints, from 0.05 to 3600.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0, allow_negative_numbers = true)]
@@ -112,8 +119,37 @@ fn watch(args: WatchArgs) -> Result<()> {
     if args.tunnel.is_empty() || unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
         bail!("invalid --tunnel {:?}: no such interface in this network namespace", args.tunnel);
     }
+    for client in &args.clients {
+        if client.is_unspecified()
+            || client.is_broadcast()
+            || client.is_multicast()
+            || client.is_loopback()
+        {
+            bail!(
+                "invalid --client {client}: must be a unicast address, not unspecified, \
+                 broadcast, multicast or loopback"
+            );
+        }
+    }
+    let framing = match args.framing {
+        Some(framing) => framing.into(),
+        None => detect_framing(&args.tunnel)?,
+    };
     let mut dataplane = Dataplane::load(Some(&args.pin_dir))?;
-    dataplane.attach(&args.tunnel, args.framing.into())?;
+    let earlier: Vec<String> = dataplane
+        .clients()?
+        .into_keys()
+        .filter(|address| !args.clients.contains(address))
+        .map(|address| address.to_string())
+        .collect();
+    if !earlier.is_empty() {
+        eprintln!(
+            "note: {} also holds clients of earlier runs, which keep their limits: {}",
+            args.pin_dir.display(),
+            earlier.join(", ")
+        );
+    }
+    dataplane.attach(&args.tunnel, framing)?;
     let limit = args.rate_kbps.map_or(RateLimit::UNLIMITED, RateLimit::with_default_burst);
     let settings = ClientSettings { rx: limit, tx: limit, ..ClientSettings::default() };
     for client in &args.clients {

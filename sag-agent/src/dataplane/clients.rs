@@ -62,6 +62,7 @@ impl Dataplane {
         settings: &ClientSettings,
     ) -> Result<(), DataplaneError> {
         self.check_instance(settings.instance)?;
+        self.check_in_pools(address, settings.instance)?;
         let slot = match self.slots.get(&address) {
             Some(slot) => *slot,
             None => {
@@ -91,6 +92,7 @@ impl Dataplane {
         settings: &ClientSettings,
     ) -> Result<(), DataplaneError> {
         self.check_instance(settings.instance)?;
+        self.check_in_pools(address, settings.instance)?;
         let slot = *self.slots.get(&address).ok_or(DataplaneError::ClientNotFound(address))?;
         self.write_client(address, slot, settings, true)?;
         debug!(ip = %address, ?settings, "client updated");
@@ -150,14 +152,7 @@ impl Dataplane {
         if instance == 0 {
             return Err(DataplaneError::InvalidInstance);
         }
-        for (field, given, max) in [
-            ("pools", settings.pools.len(), MAX_POOL_BLOCKS),
-            ("allowed destinations", settings.allowed.len(), MAX_ALLOWED_DESTINATIONS),
-        ] {
-            if given > max {
-                return Err(DataplaneError::TooManyBlocks { field, given, max });
-            }
-        }
+        check_blocks(settings)?;
         let tunnel = self.instances.get(&instance).map_or(0, |(_, tunnel)| *tunnel);
         self.instances.insert(instance, (settings.clone(), tunnel));
         self.rewrite_instance_clients(instance)?;
@@ -176,9 +171,28 @@ impl Dataplane {
         if instance == 0 {
             return Err(DataplaneError::InvalidInstance);
         }
-        let entry =
-            self.instances.get_mut(&instance).ok_or(DataplaneError::InstanceNotFound(instance))?;
-        entry.1 = ifindex;
+        let previous =
+            self.instances.get(&instance).ok_or(DataplaneError::InstanceNotFound(instance))?.1;
+        // A tunnel serves one instance: take it from any other, and this instance from any
+        // other tunnel.
+        let displaced: Vec<u32> = self
+            .instances
+            .iter()
+            .filter(|(other, (_, tunnel))| **other != instance && *tunnel == ifindex)
+            .map(|(other, _)| *other)
+            .collect();
+        if previous != 0 && previous != ifindex {
+            self.unbind_tunnel(previous)?;
+        }
+        for other in displaced {
+            if let Some(entry) = self.instances.get_mut(&other) {
+                entry.1 = 0;
+            }
+            self.rewrite_instance_clients(other)?;
+        }
+        if let Some(entry) = self.instances.get_mut(&instance) {
+            entry.1 = ifindex;
+        }
         let name = map_names::TUNNELS;
         let mut tunnels: BpfHashMap<&mut MapData, u32, Tunnel> = self.typed_map_mut(name)?;
         tunnels.insert(ifindex, Tunnel { instance }, 0).map_err(map_error(name))?;
@@ -211,6 +225,19 @@ impl Dataplane {
             self.rewrite_instance_clients(instance)?;
         }
         Ok(())
+    }
+
+    /// Fails unless `address` is a usable host of one of the instance's pools (if it has any).
+    fn check_in_pools(&self, address: Ipv4Addr, instance: u32) -> Result<(), DataplaneError> {
+        let Some((settings, _)) = self.instances.get(&instance) else {
+            return Ok(());
+        };
+        if settings.pools.is_empty()
+            || settings.pools.iter().any(|pool| crate::pools::is_usable_host(pool, address))
+        {
+            return Ok(());
+        }
+        Err(DataplaneError::ClientOutsidePools { address, instance })
     }
 
     fn check_instance(&self, instance: u32) -> Result<(), DataplaneError> {
@@ -292,6 +319,51 @@ impl Dataplane {
         // the new one, never a mix.
         clients.insert(key, record, 0).map_err(map_error(name))
     }
+}
+
+/// Checks an instance's blocks: within the kernel's limits, written with their network address,
+/// no pool of /0, no duplicates, no two pools overlapping, and no allowed destination that
+/// overlaps a pool (whose addresses the client-to-client setting decides).
+fn check_blocks(settings: &InstanceSettings) -> Result<(), DataplaneError> {
+    let invalid = |field, message: String| DataplaneError::InvalidBlocks { field, message };
+    for (field, blocks, max) in [
+        ("pools", &settings.pools, MAX_POOL_BLOCKS),
+        ("allowed destinations", &settings.allowed, MAX_ALLOWED_DESTINATIONS),
+    ] {
+        if blocks.len() > max {
+            return Err(DataplaneError::TooManyBlocks { field, given: blocks.len(), max });
+        }
+        for (index, block) in blocks.iter().enumerate() {
+            if block.addr() != block.network() {
+                return Err(invalid(
+                    field,
+                    format!("{block} has host bits set; write {}", block.trunc()),
+                ));
+            }
+            if blocks[..index].contains(block) {
+                return Err(invalid(field, format!("{block} is listed twice")));
+            }
+        }
+    }
+    for (index, pool) in settings.pools.iter().enumerate() {
+        if pool.prefix_len() == 0 {
+            return Err(invalid("pools", format!("{pool} would make every address a client")));
+        }
+        if let Some(other) =
+            settings.pools[..index].iter().find(|other| crate::validation::overlaps(pool, other))
+        {
+            return Err(invalid("pools", format!("{pool} overlaps {other}")));
+        }
+        if let Some(allowed) =
+            settings.allowed.iter().find(|allowed| crate::validation::overlaps(pool, allowed))
+        {
+            return Err(invalid(
+                "allowed destinations",
+                format!("{allowed} overlaps pool {pool}; the client-to-client setting decides traffic inside pools"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Copies `blocks` into the front of `slots` and returns how many were copied. The callers
