@@ -45,6 +45,8 @@ pub enum AdminError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Credential(#[from] CredentialError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<sqlx::Error> for AdminError {
@@ -575,7 +577,7 @@ impl Admin {
         let bandwidth = new.bandwidth_kbps.unwrap_or(validation::DEFAULT_BANDWIDTH_KBPS);
         validation::bandwidth_kbps(bandwidth, self.bandwidth_ceiling_kbps)?;
         // Hashing takes tens of milliseconds, so it happens before the transaction.
-        let hash = credentials::hash_password(&password)?;
+        let hash = hash_off_runtime(&password).await?;
 
         let mut transaction = self.store.pool().begin().await?;
         let instance = fetch_instance(&mut *transaction, instance_id).await?;
@@ -743,7 +745,7 @@ impl Admin {
             }
             None => credentials::generate_password(),
         };
-        let hash = credentials::hash_password(&password)?;
+        let hash = hash_off_runtime(&password).await?;
         let updated = sqlx::query(
             "UPDATE accounts SET password_hash = $1 WHERE instance_id = $2 AND username = $3",
         )
@@ -832,6 +834,16 @@ const INSTANCE_SELECT_ONE: &str = "SELECT id, owner, area, account_quota, trial,
      expires_at, auto_renew, state, kernel_number FROM instances WHERE id = $1";
 const ACCOUNT_SELECT: &str = "SELECT instance_id, username, email, static_ip, bandwidth_kbps, \
      enabled, created_at FROM accounts";
+
+/// Hashes a password on a blocking thread: argon2id takes tens of milliseconds of CPU, which
+/// would stall other requests on the async runtime.
+async fn hash_off_runtime(password: &str) -> Result<String, AdminError> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || credentials::hash_password(&password))
+        .await
+        .map_err(|error| AdminError::Internal(format!("password hashing task failed: {error}")))?
+        .map_err(AdminError::from)
+}
 
 /// Reads one instance through `executor`: the pool, or a transaction that already holds the
 /// only SQLite connection.

@@ -48,7 +48,7 @@ impl IntoResponse for ApiError {
             AdminError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AdminError::Refused(_) => (StatusCode::CONFLICT, "refused"),
-            AdminError::Store(_) | AdminError::Credential(_) => {
+            AdminError::Store(_) | AdminError::Credential(_) | AdminError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };

@@ -147,3 +147,19 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses_to_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let config = Config::load(&path).unwrap();
+        let defaults = AgentConfig::default();
+        assert_eq!(config.agent.state_dir, defaults.state_dir);
+        assert_eq!(config.agent.socket, defaults.socket);
+        assert_eq!(config.agent.pin_dir, defaults.pin_dir);
+        assert_eq!(config.agent.max_bandwidth_kbps, defaults.max_bandwidth_kbps);
+    }
+}

@@ -1,0 +1,257 @@
+//! The agent daemon as a process: its admin API under load and after a crash. Needs root for
+//! the socket's permissions.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use hyper::Method;
+use sag_agent::{
+    admin::{Account, CreatedAccount, Instance},
+    api::{CreateAccountBody, CreateInstanceBody, NetworkBody},
+    api_client::ApiClient,
+    testing::netns::unique_name,
+};
+use sqlx::Row as _;
+
+/// A state directory and a running `sag-agent run`, both removed when dropped.
+struct Daemon {
+    directory: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        let directory = std::env::temp_dir().join(unique_name("sag-daemon-"));
+        std::fs::create_dir_all(&directory).unwrap();
+        let config = format!(
+            "[agent]\nstate_dir = \"{0}/state\"\nsocket = \"{0}/run/agent.sock\"\n",
+            directory.display()
+        );
+        std::fs::write(directory.join("agent.toml"), config).unwrap();
+        let mut daemon = Self { directory, child: None };
+        daemon.spawn();
+        daemon
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.directory.join("run/agent.sock")
+    }
+
+    /// Starts the process and waits until its socket accepts connections.
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_sag-agent"))
+            .args(["run", "--config"])
+            .arg(self.directory.join("agent.toml"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sag-agent starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(Instant::now() < deadline, "the agent did not open its socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process with SIGKILL: nothing runs on exit.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.directory.join("state/sag.db")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
+}
+
+async fn create_instance(client: &ApiClient, quota: u32) -> Instance {
+    let body = CreateInstanceBody {
+        owner: "acme".to_owned(),
+        area: "eu-central-1".to_owned(),
+        account_quota: quota,
+        months: 1,
+    };
+    let instance: Instance = client.call(Method::POST, "/instances", Some(&body)).await.unwrap();
+    let network = NetworkBody {
+        cidr_blocks: Some(vec!["10.20.0.0/20".parse().unwrap()]),
+        ..NetworkBody::default()
+    };
+    let path = format!("/instances/{}/network", instance.id);
+    let _: serde_json::Value = client.call(Method::PATCH, &path, Some(&network)).await.unwrap();
+    instance
+}
+
+/// Returns the static address of account `n`: 10.20.x.y from 10.20.0.1 on.
+fn static_address(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 20, 0, 1)) + n)
+}
+
+fn account_body(n: u32) -> CreateAccountBody {
+    CreateAccountBody {
+        username: Some(format!("user{n:05}")),
+        email: format!("user{n}@example.com"),
+        password: Some(format!("Pass-{n:05}")),
+        static_ip: Some(static_address(n)),
+        bandwidth_kbps: Some(1 + n % 2_000),
+    }
+}
+
+#[test]
+fn thousand_accounts_through_api() {
+    let daemon = Daemon::start();
+    let client = ApiClient::new(&daemon.socket());
+    runtime().block_on(async {
+        let instance = create_instance(&client, 1_000).await;
+        let path = format!("/instances/{}/accounts", instance.id);
+        let start = Instant::now();
+        // Four requests at a time: the agent hashes passwords on blocking threads.
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..4u32 {
+            let client = client.clone();
+            let path = path.clone();
+            tasks.spawn(async move {
+                for n in (worker..1_000).step_by(4) {
+                    let _: CreatedAccount =
+                        client.call(Method::POST, &path, Some(&account_body(n))).await.unwrap();
+                }
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap();
+        }
+        let elapsed = start.elapsed();
+        eprintln!("created 1,000 accounts through the API in {:.1} s", elapsed.as_secs_f64());
+        let accounts: Vec<Account> = client.call(Method::GET, &path, None::<&()>).await.unwrap();
+        assert_eq!(accounts.len(), 1_000);
+        let bob: Account =
+            client.call(Method::GET, &format!("{path}/user00777"), None::<&()>).await.unwrap();
+        assert_eq!(bob.static_ip, Some(static_address(777)));
+        assert_eq!(bob.bandwidth_kbps, 778);
+        // The quota is full now.
+        let error = client
+            .call::<CreatedAccount>(Method::POST, &path, Some(&account_body(1_000)))
+            .await
+            .unwrap_err();
+        assert_eq!(error.exit_code(), 5, "{error}");
+    });
+}
+
+#[test]
+fn crash_during_account_stream_keeps_committed_changes() {
+    let mut daemon = Daemon::start();
+    let client = ApiClient::new(&daemon.socket());
+    let runtime = runtime();
+    let instance = runtime.block_on(create_instance(&client, 1_000));
+    let path = format!("/instances/{}/accounts", instance.id);
+
+    // A stream of account creations; the agent is killed in the middle of it.
+    let confirmed = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (client, path, confirmed, stop) =
+            (client.clone(), path.clone(), confirmed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 500 {
+                let result = runtime.block_on(client.call::<CreatedAccount>(
+                    Method::POST,
+                    &path,
+                    Some(&account_body(n)),
+                ));
+                if result.is_ok() {
+                    confirmed.lock().unwrap().push(n);
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed.lock().unwrap().len() < 40 {
+        assert!(Instant::now() < deadline, "the stream made no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let attempted = stream.join().unwrap();
+    let confirmed = confirmed.lock().unwrap().clone();
+
+    daemon.spawn();
+    runtime.block_on(async {
+        let accounts: Vec<Account> = client.call(Method::GET, &path, None::<&()>).await.unwrap();
+        let stored: Vec<u32> =
+            accounts.iter().map(|account| account.username[4..].parse().unwrap()).collect();
+        // Every confirmed account is there; at most the one in flight at the kill was
+        // committed without a reply.
+        for n in &confirmed {
+            assert!(stored.contains(n), "confirmed account {n} lost");
+        }
+        assert!(
+            stored.len() <= confirmed.len() + 1,
+            "{} stored, {} confirmed",
+            stored.len(),
+            confirmed.len()
+        );
+        for account in &accounts {
+            let n: u32 = account.username[4..].parse().unwrap();
+            assert!(n < attempted);
+            assert_eq!(account.static_ip, Some(static_address(n)), "account {n} is whole");
+            assert_eq!(account.bandwidth_kbps, 1 + n % 2_000, "account {n} is whole");
+        }
+        eprintln!(
+            "{} accounts confirmed before the kill, {} stored after",
+            confirmed.len(),
+            stored.len()
+        );
+    });
+    // Each stored account's password hash verifies, and no static address belongs to two.
+    check_store(&daemon.store_path(), &runtime);
+}
+
+fn check_store(path: &Path, runtime: &tokio::runtime::Runtime) {
+    runtime.block_on(async {
+        let store = sag_agent::store::Store::open_sqlite(path).await.unwrap();
+        let rows = sqlx::query("SELECT username, password_hash, static_ip FROM accounts")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let mut addresses = std::collections::HashSet::new();
+        for row in rows {
+            let username: String = row.try_get("username").unwrap();
+            let hash: String = row.try_get("password_hash").unwrap();
+            let n: u32 = username[4..].parse().unwrap();
+            let password = format!("Pass-{n:05}");
+            assert!(
+                sag_agent::credentials::verify_password(&password, &hash).unwrap(),
+                "{username}"
+            );
+            let address: String = row.try_get("static_ip").unwrap();
+            assert!(addresses.insert(address), "static address of {username} used twice");
+        }
+        store.close().await;
+    });
+}
