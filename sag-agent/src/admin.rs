@@ -1,4 +1,4 @@
-//! What an admin does to instances, their network configuration and client accounts, each
+//! Admin operations on instances, their network configuration and client accounts, each
 //! change checked against the rules and written in one transaction.
 
 use std::{net::Ipv4Addr, sync::Arc};
@@ -23,11 +23,11 @@ pub const TRIAL_ACCOUNT_QUOTA: u32 = 1;
 pub const TRIAL_BANDWIDTH_KBPS: u32 = 2_000;
 /// Validity of a free trial, in months.
 pub const TRIAL_MONTHS: u32 = 12;
-/// Shortest subscription, in months.
+/// Minimum subscription, in months.
 pub const MIN_SUBSCRIPTION_MONTHS: u32 = 1;
-/// Longest subscription bought at once, in months.
+/// Maximum subscription bought at once, in months.
 pub const MAX_SUBSCRIPTION_MONTHS: u32 = 36;
-/// Longest owner name, in characters.
+/// Maximum length of an owner name, in characters.
 pub const MAX_OWNER_LEN: usize = 64;
 
 /// Errors of admin operations. Each names what was wrong and what to do.
@@ -58,7 +58,7 @@ impl From<sqlx::Error> for AdminError {
 /// Lifecycle state of an instance.
 pub const STATE_RUNNING: &str = "running";
 
-/// An instance as the admin sees it.
+/// An instance, as the admin API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     pub id: String,
@@ -94,7 +94,7 @@ pub struct Network {
     pub client_to_client: bool,
 }
 
-/// A client account as the admin sees it; the password hash never leaves the store.
+/// A client account, as the admin API returns it. The password hash never leaves the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub instance_id: String,
@@ -191,7 +191,7 @@ fn generate_network_id(prefix: &str) -> String {
     format!("{prefix}-{suffix}")
 }
 
-/// The calendar month of a time, as `YYYY-MM`.
+/// Returns the calendar month of a time, as `YYYY-MM`.
 pub fn month_of(time: DateTime<Utc>) -> String {
     format!("{:04}-{:02}", time.year(), time.month())
 }
@@ -845,7 +845,7 @@ async fn hash_off_runtime(password: &str) -> Result<String, AdminError> {
         .map_err(AdminError::from)
 }
 
-/// Reads one instance through `executor`: the pool, or a transaction that already holds the
+/// Reads one instance through `executor`: the pool, or a transaction that already has the
 /// only SQLite connection.
 async fn fetch_instance<'e, E>(executor: E, id: &str) -> Result<Instance, AdminError>
 where

@@ -22,7 +22,7 @@ pub enum ClientError {
     Http(#[from] hyper::Error),
     #[error("the agent sent an unreadable reply (status {status}): {message}")]
     Reply { status: StatusCode, message: String },
-    /// The agent rejected the request; `reply.kind` says why.
+    /// The agent rejected the request; `reply.kind` gives the reason.
     #[error("{}", reply.error)]
     Rejected { status: StatusCode, reply: ErrorReply },
 }

@@ -30,7 +30,7 @@ pub fn is_usable_host(block: &Ipv4Net, address: Ipv4Addr) -> bool {
 
 /// Picks a free address for a dynamic client, walking the blocks in order from the address
 /// after `previous` (the client's last address), so that a reconnecting client gets another
-/// one while any other is free. `reserved` tells which addresses are taken: static addresses
+/// one while any other is free. `reserved` returns whether an address is taken: static addresses
 /// of accounts and addresses of connected clients.
 ///
 /// # Errors

@@ -10,37 +10,37 @@ use sag_common::policy::{MAX_ACCOUNT_BANDWIDTH_KBPS, MAX_BOX_BANDWIDTH_KBPS, MIN
 pub const INSTANCE_ID_PREFIX: &str = "sag-";
 /// Number of lowercase letters and digits after the prefix of an instance ID.
 pub const INSTANCE_ID_SUFFIX_LEN: usize = 16;
-/// Fewest client accounts an instance can be bought for.
+/// Minimum client accounts an instance can be bought for.
 pub const MIN_ACCOUNT_QUOTA: u32 = 5;
-/// Most client accounts an instance can be bought for.
+/// Maximum client accounts an instance can be bought for.
 pub const MAX_ACCOUNT_QUOTA: u32 = 1_000;
-/// Shortest CCN or CEN name, in characters.
+/// Minimum length of CCN or CEN name, in characters.
 pub const MIN_NETWORK_NAME_LEN: usize = 2;
-/// Longest CCN or CEN name, in characters.
+/// Maximum length of CCN or CEN name, in characters.
 pub const MAX_NETWORK_NAME_LEN: usize = 100;
-/// Fewest private CIDR blocks of an instance.
+/// Minimum number of private CIDR blocks of an instance.
 pub const MIN_CIDR_BLOCKS: usize = 1;
-/// Most private CIDR blocks of an instance.
+/// Maximum number of private CIDR blocks of an instance.
 pub const MAX_CIDR_BLOCKS: usize = 5;
-/// Longest prefix of a client CIDR block: a /30 still has two usable host addresses.
+/// Maximum prefix length of a client CIDR block: a /30 still has two usable host addresses.
 pub const MAX_CIDR_PREFIX_LEN: u8 = 30;
-/// Shortest username, in characters.
+/// Minimum length of username, in characters.
 pub const MIN_USERNAME_LEN: usize = 7;
-/// Longest username, in characters.
+/// Maximum length of username, in characters.
 pub const MAX_USERNAME_LEN: usize = 33;
-/// Shortest email address, in characters.
+/// Minimum length of email address, in characters.
 pub const MIN_EMAIL_LEN: usize = 2;
-/// Longest email address, in characters.
+/// Maximum length of email address, in characters.
 pub const MAX_EMAIL_LEN: usize = 64;
-/// Shortest password, in characters.
+/// Minimum length of password, in characters.
 pub const MIN_PASSWORD_LEN: usize = 8;
-/// Longest password, in characters.
+/// Maximum length of password, in characters.
 pub const MAX_PASSWORD_LEN: usize = 32;
 /// Bandwidth of an account created without one, in kbit/s.
 pub const DEFAULT_BANDWIDTH_KBPS: u32 = MAX_ACCOUNT_BANDWIDTH_KBPS;
-/// Shortest area name, in characters.
+/// Minimum length of area name, in characters.
 pub const MIN_AREA_LEN: usize = 2;
-/// Longest area name, in characters.
+/// Maximum length of area name, in characters.
 pub const MAX_AREA_LEN: usize = 64;
 
 /// The private IPv4 ranges of RFC 1918, which client blocks must lie in.
@@ -213,7 +213,7 @@ pub fn password(value: &str) -> Result<(), ValidationError> {
     credential_text("password", value, MIN_PASSWORD_LEN, MAX_PASSWORD_LEN, hidden)
 }
 
-/// The shared rule of usernames and passwords.
+/// Checks the rule that usernames and passwords share.
 fn credential_text(
     field: &'static str,
     value: &str,
@@ -397,7 +397,7 @@ pub fn static_ip(
 mod tests {
     use super::*;
 
-    /// A string of `length` characters that starts with `first` and goes on with `fill`.
+    /// Returns a string of `length` characters: `first`, then `fill`.
     fn text(first: char, fill: char, length: usize) -> String {
         std::iter::once(first).chain(std::iter::repeat(fill)).take(length).collect()
     }

@@ -30,7 +30,7 @@ pub struct InstanceCommand {
 enum InstanceAction {
     /// Create an instance.
     Create {
-        /// Who the instance belongs to.
+        /// Owner of the instance.
         #[arg(long)]
         owner: String,
         /// Area it serves, such as cn-hangzhou or eu-central-1; it sets the pricing zone.
@@ -117,7 +117,7 @@ pub struct AccountCommand {
     action: AccountAction,
 }
 
-/// Where a password comes from: never the command line, which other users can read.
+/// Source of a password: never the command line, which other users can read.
 #[derive(Debug, Args)]
 struct PasswordSource {
     /// Read the password from the first line of this file.

@@ -30,7 +30,7 @@ async fn serve(config: Config) -> Result<()> {
     let state_dir = &config.agent.state_dir;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("failed to create the state directory {}", state_dir.display()))?;
-    // The store holds password hashes: only root may read it.
+    // The store has password hashes: only root may read it.
     std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))?;
     let store = Store::open_sqlite(&config.store_path()).await?;
     let admin = Admin::new(store.clone(), Arc::new(SystemClock), config.agent.max_bandwidth_kbps);
