@@ -3,5 +3,6 @@
 pub mod cli;
 pub mod credentials;
 pub mod dataplane;
+pub mod notify;
 pub mod testing;
 pub mod validation;
