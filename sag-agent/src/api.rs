@@ -22,7 +22,80 @@ use serde_json::json;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
-use crate::admin::{Admin, AdminError, NetworkChange, NetworkChoice, NewAccount, NewInstance};
+use crate::{
+    admin::{
+        Admin, AdminError, CreatedAccount, NetworkChange, NetworkChoice, NewAccount, NewInstance,
+    },
+    notify::{credentials_email, CredentialsReason, Delivery, Mailer},
+};
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub admin: Admin,
+    pub mailer: std::sync::Arc<Mailer>,
+    /// Login address written into credentials emails.
+    pub login_server: String,
+}
+
+/// How a credentials email went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EmailReport {
+    pub to: String,
+    /// `smtp`, `outbox` or `failed`.
+    pub delivery: String,
+    /// The .eml file, for the outbox.
+    pub path: Option<String>,
+    /// Why sending failed.
+    pub error: Option<String>,
+}
+
+/// Reply of an account creation: the account, its password (shown once) and the email.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountCreatedReply {
+    #[serde(flatten)]
+    pub created: CreatedAccount,
+    pub email: EmailReport,
+}
+
+impl AppState {
+    /// Sends the credentials email. A failure is reported, not returned: the change it
+    /// reports is already committed.
+    async fn send_credentials(
+        &self,
+        to: &str,
+        reason: CredentialsReason,
+        instance_id: &str,
+        username: &str,
+        password: &str,
+    ) -> EmailReport {
+        let email =
+            credentials_email(to, reason, instance_id, username, password, &self.login_server);
+        match self.mailer.send(&email).await {
+            Ok(Delivery::Smtp) => EmailReport {
+                to: to.to_owned(),
+                delivery: "smtp".to_owned(),
+                path: None,
+                error: None,
+            },
+            Ok(Delivery::Outbox(path)) => EmailReport {
+                to: to.to_owned(),
+                delivery: "outbox".to_owned(),
+                path: Some(path.display().to_string()),
+                error: None,
+            },
+            Err(error) => {
+                error!(instance = instance_id, username, error = %error, "credentials email failed");
+                EmailReport {
+                    to: to.to_owned(),
+                    delivery: "failed".to_owned(),
+                    path: None,
+                    error: Some(error.to_string()),
+                }
+            }
+        }
+    }
+}
 
 /// An error reply of the API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -122,10 +195,11 @@ pub struct PasswordBody {
     pub password: Option<String>,
 }
 
-/// Reply of a password reset: the new password, shown once.
+/// Reply of a password reset: the new password, shown once, and the email.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PasswordReply {
     pub password: String,
+    pub email: EmailReport,
 }
 
 fn choice(
@@ -162,8 +236,8 @@ fn optional_address(
     }
 }
 
-/// Builds the API's routes over `admin`.
-pub fn router(admin: Admin) -> Router {
+/// Builds the API's routes over `state`.
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/instances", get(list_instances).post(create_instance))
         .route("/instances/trial", post(claim_trial))
@@ -175,17 +249,19 @@ pub fn router(admin: Admin) -> Router {
             get(show_account).patch(update_account).delete(delete_account),
         )
         .route("/instances/{id}/accounts/{username}/password", post(reset_password))
-        .with_state(admin)
+        .with_state(state)
 }
 
-async fn list_instances(State(admin): State<Admin>) -> ApiResult<Vec<crate::admin::Instance>> {
+async fn list_instances(State(state): State<AppState>) -> ApiResult<Vec<crate::admin::Instance>> {
+    let admin = &state.admin;
     Ok(Json(admin.list_instances().await?))
 }
 
 async fn create_instance(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     Json(body): Json<CreateInstanceBody>,
 ) -> ApiResult<crate::admin::Instance> {
+    let admin = &state.admin;
     let new = NewInstance {
         owner: body.owner,
         area: body.area,
@@ -196,39 +272,44 @@ async fn create_instance(
 }
 
 async fn claim_trial(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     Json(body): Json<TrialBody>,
 ) -> ApiResult<crate::admin::Instance> {
+    let admin = &state.admin;
     Ok(Json(admin.claim_trial(&body.owner, &body.area).await?))
 }
 
 async fn show_instance(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<crate::admin::Instance> {
+    let admin = &state.admin;
     Ok(Json(admin.instance(&id).await?))
 }
 
 async fn delete_instance(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<serde_json::Value> {
+    let admin = &state.admin;
     admin.delete_instance(&id).await?;
     Ok(Json(json!({ "deleted": id })))
 }
 
 async fn show_network(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<crate::admin::Network> {
+    let admin = &state.admin;
     Ok(Json(admin.network(&id).await?))
 }
 
 async fn set_network(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
     Json(body): Json<NetworkBody>,
 ) -> ApiResult<crate::admin::Network> {
+    let admin = &state.admin;
     let change = NetworkChange {
         ccn: choice(body.ccn_id, body.ccn_name, "ccn")?,
         cen: choice(body.cen_id, body.cen_name, "cen")?,
@@ -242,17 +323,18 @@ async fn set_network(
 }
 
 async fn list_accounts(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Vec<crate::admin::Account>> {
+    let admin = &state.admin;
     Ok(Json(admin.list_accounts(&id).await?))
 }
 
 async fn create_account(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
     Json(body): Json<CreateAccountBody>,
-) -> ApiResult<crate::admin::CreatedAccount> {
+) -> ApiResult<AccountCreatedReply> {
     let new = NewAccount {
         username: body.username,
         email: body.email,
@@ -260,21 +342,34 @@ async fn create_account(
         static_ip: body.static_ip,
         bandwidth_kbps: body.bandwidth_kbps,
     };
-    Ok(Json(admin.create_account(&id, &new).await?))
+    let created = state.admin.create_account(&id, &new).await?;
+    let account = &created.account;
+    let email = state
+        .send_credentials(
+            &account.email,
+            CredentialsReason::Created,
+            &id,
+            &account.username,
+            &created.password,
+        )
+        .await;
+    Ok(Json(AccountCreatedReply { created, email }))
 }
 
 async fn show_account(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
 ) -> ApiResult<crate::admin::Account> {
+    let admin = &state.admin;
     Ok(Json(admin.account(&id, &username).await?))
 }
 
 async fn update_account(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
     Json(body): Json<UpdateAccountBody>,
 ) -> ApiResult<crate::admin::Account> {
+    let admin = &state.admin;
     let mut account = admin.account(&id, &username).await?;
     if let Some(address) = optional_address("static_ip", body.static_ip)? {
         account = admin.set_static_ip(&id, &username, address).await?;
@@ -289,20 +384,25 @@ async fn update_account(
 }
 
 async fn delete_account(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
 ) -> ApiResult<serde_json::Value> {
+    let admin = &state.admin;
     admin.delete_account(&id, &username).await?;
     Ok(Json(json!({ "deleted": username })))
 }
 
 async fn reset_password(
-    State(admin): State<Admin>,
+    State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
     Json(body): Json<PasswordBody>,
 ) -> ApiResult<PasswordReply> {
-    let password = admin.reset_password(&id, &username, body.password.as_deref()).await?;
-    Ok(Json(PasswordReply { password }))
+    let password = state.admin.reset_password(&id, &username, body.password.as_deref()).await?;
+    let account = state.admin.account(&id, &username).await?;
+    let email = state
+        .send_credentials(&account.email, CredentialsReason::Reset, &id, &username, &password)
+        .await;
+    Ok(Json(PasswordReply { password, email }))
 }
 
 /// Binds the admin socket at `path`: its directory is created with mode 0700 and the socket
@@ -331,10 +431,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// Fails if the server fails.
 pub async fn serve(
     listener: UnixListener,
-    admin: Admin,
+    state: AppState,
     socket: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     info!(socket = %socket.display(), "admin API listening");
-    axum::serve(listener, router(admin)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }

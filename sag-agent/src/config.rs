@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::dataplane::DEFAULT_PIN_DIR;
+use crate::{dataplane::DEFAULT_PIN_DIR, notify::MailConfig};
 
 /// Default path of the admin API socket.
 pub const DEFAULT_SOCKET: &str = "/run/sag/agent.sock";
@@ -17,6 +17,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/sag";
 pub struct Config {
     #[serde(default)]
     pub agent: AgentConfig,
+    /// Email settings; without them, emails go to `state_dir/outbox` as .eml files.
+    pub mail: Option<MailConfig>,
 }
 
 /// Settings of the agent process.
@@ -36,6 +38,9 @@ pub struct AgentConfig {
     /// 10,000,000 (10 Gbit/s).
     #[serde(default = "default_max_bandwidth")]
     pub max_bandwidth_kbps: u32,
+    /// Address that clients log in to (`HOST:PORT`), written into credentials emails.
+    #[serde(default = "default_login_server")]
+    pub login_server: String,
 }
 
 impl Default for AgentConfig {
@@ -45,6 +50,7 @@ impl Default for AgentConfig {
             socket: default_socket(),
             pin_dir: default_pin_dir(),
             max_bandwidth_kbps: default_max_bandwidth(),
+            login_server: default_login_server(),
         }
     }
 }
@@ -59,6 +65,16 @@ fn default_socket() -> PathBuf {
 
 fn default_pin_dir() -> PathBuf {
     PathBuf::from(DEFAULT_PIN_DIR)
+}
+
+/// Port of the login API when the configuration names none.
+pub const DEFAULT_LOGIN_PORT: u16 = 8443;
+
+fn default_login_server() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{host}:{DEFAULT_LOGIN_PORT}")
 }
 
 fn default_max_bandwidth() -> u32 {
@@ -109,6 +125,15 @@ impl Config {
             return Err(ConfigError::Bandwidth(bandwidth));
         }
         Ok(config)
+    }
+
+    /// Returns the email settings: the configured ones, or an outbox in the state directory.
+    pub fn mail(&self) -> MailConfig {
+        self.mail.clone().unwrap_or_else(|| MailConfig {
+            from: "sag-agent@localhost".to_owned(),
+            smtp: None,
+            outbox_dir: self.agent.state_dir.join("outbox"),
+        })
     }
 
     /// Returns the path of the store file.

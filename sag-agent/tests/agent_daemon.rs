@@ -255,3 +255,48 @@ fn check_store(path: &Path, runtime: &tokio::runtime::Runtime) {
         store.close().await;
     });
 }
+
+#[test]
+fn credentials_email_lands_in_outbox() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use sag_agent::api::{AccountCreatedReply, PasswordBody, PasswordReply};
+
+    let daemon = Daemon::start();
+    let client = ApiClient::new(&daemon.socket());
+    runtime().block_on(async {
+        let instance = create_instance(&client, 5).await;
+        let path = format!("/instances/{}/accounts", instance.id);
+        let body = CreateAccountBody {
+            email: "carol.jones@example.com".to_owned(),
+            ..CreateAccountBody::default()
+        };
+        let reply: AccountCreatedReply =
+            client.call(Method::POST, &path, Some(&body)).await.unwrap();
+        assert_eq!(reply.email.delivery, "outbox");
+        assert_eq!(reply.email.to, "carol.jones@example.com");
+        let file = PathBuf::from(reply.email.path.expect("the outbox path"));
+        assert!(file.starts_with(daemon.directory.join("state/outbox")), "{}", file.display());
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("To: carol.jones@example.com"), "{text}");
+        for needle in
+            [instance.id.as_str(), "carol.jones@example.com", reply.created.password.as_str()]
+        {
+            assert!(text.contains(needle), "{needle} missing from the email");
+        }
+
+        // A reset sends the new password the same way.
+        let reset: PasswordReply = client
+            .call(
+                Method::POST,
+                &format!("{path}/carol.jones@example.com/password"),
+                Some(&PasswordBody::default()),
+            )
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(reset.email.path.unwrap()).unwrap();
+        assert!(text.contains(&reset.password));
+        assert_ne!(reset.password, reply.created.password);
+    });
+}

@@ -10,10 +10,10 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::{table, ClientOptions};
 use crate::{
-    admin::{Account, CreatedAccount, Instance, Network},
+    admin::{Account, Instance, Network},
     api::{
-        CreateAccountBody, CreateInstanceBody, NetworkBody, PasswordBody, PasswordReply, TrialBody,
-        UpdateAccountBody,
+        AccountCreatedReply, CreateAccountBody, CreateInstanceBody, EmailReport, NetworkBody,
+        PasswordBody, PasswordReply, TrialBody, UpdateAccountBody,
     },
     api_client::ApiClient,
 };
@@ -388,17 +388,18 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
                 static_ip,
                 bandwidth_kbps: bandwidth,
             };
-            let created: CreatedAccount = call(
+            let reply: AccountCreatedReply = call(
                 options,
                 Method::POST,
                 &format!("/instances/{instance}/accounts"),
                 Some(&body),
             )?;
             if options.json {
-                return print_json(&created);
+                return print_json(&reply);
             }
-            show_accounts(options, std::slice::from_ref(&created.account))?;
-            println!("password: {}  (shown once; also sent by email)", created.password);
+            show_accounts(options, std::slice::from_ref(&reply.created.account))?;
+            println!("password: {}  (shown once)", reply.created.password);
+            print_email(&reply.email);
             Ok(())
         }
         AccountAction::List { instance } => {
@@ -437,10 +438,8 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
             if options.json {
                 return print_json(&reply);
             }
-            println!(
-                "new password of {username}: {}  (shown once; also sent by email)",
-                reply.password
-            );
+            println!("new password of {username}: {}  (shown once)", reply.password);
+            print_email(&reply.email);
             Ok(())
         }
         AccountAction::Set { instance, username, bandwidth, static_ip, no_static_ip } => {
@@ -460,6 +459,24 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
                 call(options, Method::PATCH, &account_path(&instance, &username), Some(&body))?;
             show_accounts(options, &[account])
         }
+    }
+}
+
+fn print_email(email: &EmailReport) {
+    match (email.delivery.as_str(), &email.path, &email.error) {
+        ("outbox", Some(path), _) => {
+            println!(
+                "credentials email to {} written to {path} (no SMTP relay configured)",
+                email.to
+            )
+        }
+        ("smtp", _, _) => println!("credentials email sent to {}", email.to),
+        (_, _, error) => println!(
+            "credentials email to {} failed: {}; the change stands, so reset the password to \
+             send it again",
+            email.to,
+            error.as_deref().unwrap_or("unknown error")
+        ),
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
-use crate::{admin::Admin, api, clock::SystemClock, config::Config, store::Store};
+use crate::{admin::Admin, api, clock::SystemClock, config::Config, notify::Mailer, store::Store};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -47,7 +47,13 @@ async fn serve(config: Config) -> Result<()> {
         info!("stopping");
     };
     info!(store = %config.store_path().display(), "agent started");
-    api::serve(listener, admin, socket.clone(), shutdown).await?;
+    let mailer = Mailer::new(&config.mail()).context("invalid [mail] configuration")?;
+    let state = api::AppState {
+        admin,
+        mailer: Arc::new(mailer),
+        login_server: config.agent.login_server.clone(),
+    };
+    api::serve(listener, state, socket.clone(), shutdown).await?;
     store.close().await;
     let _ = std::fs::remove_file(&socket);
     info!("agent stopped");
