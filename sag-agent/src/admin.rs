@@ -581,6 +581,9 @@ impl Admin {
 
         let mut transaction = self.store.pool().begin().await?;
         let instance = fetch_instance(&mut *transaction, instance_id).await?;
+        if instance.trial {
+            validation::bandwidth_kbps(bandwidth, TRIAL_BANDWIDTH_KBPS)?;
+        }
         let count: i64 =
             sqlx::query("SELECT COUNT(*) AS count FROM accounts WHERE instance_id = $1")
                 .bind(instance_id)
@@ -692,6 +695,10 @@ impl Admin {
         kbps: u32,
     ) -> Result<Account, AdminError> {
         validation::bandwidth_kbps(kbps, self.bandwidth_ceiling_kbps)?;
+        // A free trial keeps its 2 Mbit/s, whatever the box allows.
+        if self.instance(instance_id).await?.trial {
+            validation::bandwidth_kbps(kbps, TRIAL_BANDWIDTH_KBPS)?;
+        }
         self.update_account(instance_id, username, "bandwidth_kbps", i64::from(kbps)).await?;
         info!(instance = instance_id, username, kbps, "account bandwidth changed");
         self.account(instance_id, username).await

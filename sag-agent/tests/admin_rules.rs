@@ -555,3 +555,26 @@ async fn password_is_stored_as_argon2id() {
     assert!(sag_agent::credentials::verify_password(&reset, &hash).unwrap());
     assert!(!sag_agent::credentials::verify_password("Known-pass1", &hash).unwrap());
 }
+
+#[tokio::test]
+async fn trial_keeps_its_limits_on_a_faster_box() {
+    let files = TempStore::new();
+    let store = Store::open_sqlite(&files.directory.join("sag.db")).await.unwrap();
+    let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 12, 4, 12, 0, 0).unwrap()));
+    // This box lets accounts have up to 100 Mbit/s.
+    let admin = Admin::new(store, clock, 100_000);
+    let trial = admin.claim_trial("gamma-ltd", "eu-central-1").await.unwrap();
+    let blocks =
+        NetworkChange { cidr_blocks: Some(nets(&["10.30.0.0/24"])), ..NetworkChange::default() };
+    admin.set_network(&trial.id, &blocks).await.unwrap();
+    let fast = NewAccount { bandwidth_kbps: Some(2_001), ..account("trialuser") };
+    let error = admin.create_account(&trial.id, &fast).await.unwrap_err();
+    assert_eq!(error.to_string(), "invalid bandwidth 2001 kbit/s: must be 1 to 2000 kbit/s");
+    let created = admin.create_account(&trial.id, &account("trialuser")).await.unwrap();
+    assert_eq!(created.account.bandwidth_kbps, 2_000);
+    let error = admin.set_bandwidth(&trial.id, "trialuser", 50_000).await.unwrap_err();
+    assert!(error.to_string().starts_with("invalid bandwidth 50000 kbit/s"), "{error}");
+    // One account only.
+    let error = admin.create_account(&trial.id, &account("second01")).await.unwrap_err();
+    assert!(error.to_string().starts_with("account quota full"), "{error}");
+}
