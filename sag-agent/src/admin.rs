@@ -503,6 +503,23 @@ impl Admin {
         if let Some(allowed) = &change.allowed_destinations {
             replace_blocks(&mut transaction, "allowed_destinations", id, allowed).await?;
         }
+        // The kernel lets the client-to-client setting decide inside the client blocks, so an
+        // allowed destination there would not mean what it says.
+        let client_blocks = table_blocks(&mut transaction, "cidr_blocks", id).await?;
+        let allowed = table_blocks(&mut transaction, "allowed_destinations", id).await?;
+        for block in &allowed {
+            if let Some(pool) = client_blocks.iter().find(|pool| validation::overlaps(pool, block))
+            {
+                return Err(AdminError::Invalid(ValidationError {
+                    field: "allowed_destinations",
+                    rule: format!(
+                        "{block} overlaps client block {pool}; traffic between clients is \
+                         governed by client_to_client instead"
+                    ),
+                    value: format!("{block:?}"),
+                }));
+            }
+        }
         transaction.commit().await?;
         info!(instance = id, "network configuration changed");
         self.network(id).await
@@ -907,6 +924,15 @@ fn allowed_destinations(blocks: &[Ipv4Net]) -> Result<(), ValidationError> {
             value: format!("{:?}", listed()),
         });
     }
+    let repeated =
+        blocks.iter().enumerate().find(|(index, block)| blocks[..*index].contains(block));
+    if let Some((_, block)) = repeated {
+        return Err(ValidationError {
+            field: "allowed_destinations",
+            rule: format!("{block} is listed twice"),
+            value: format!("{:?}", listed()),
+        });
+    }
     if let Some(block) = blocks.iter().find(|block| block.network() != block.addr()) {
         return Err(ValidationError {
             field: "allowed_destinations",
@@ -926,6 +952,19 @@ async fn blocks(
         sqlx::query(&format!("SELECT block FROM {table} WHERE instance_id = $1 ORDER BY block"))
             .bind(instance_id)
             .fetch_all(&mut **connection)
+            .await?;
+    Ok(rows.iter().filter_map(|row| row.try_get::<String, _>("block").ok()?.parse().ok()).collect())
+}
+
+async fn table_blocks(
+    transaction: &mut Transaction<'static, Any>,
+    table: &'static str,
+    instance_id: &str,
+) -> Result<Vec<Ipv4Net>, AdminError> {
+    let rows =
+        sqlx::query(&format!("SELECT block FROM {table} WHERE instance_id = $1 ORDER BY block"))
+            .bind(instance_id)
+            .fetch_all(&mut **transaction)
             .await?;
     Ok(rows.iter().filter_map(|row| row.try_get::<String, _>("block").ok()?.parse().ok()).collect())
 }

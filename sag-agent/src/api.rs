@@ -26,6 +26,7 @@ use crate::{
     admin::{
         Admin, AdminError, CreatedAccount, NetworkChange, NetworkChoice, NewAccount, NewInstance,
     },
+    kernel::{KernelError, KernelSync},
     notify::{credentials_email, CredentialsReason, Delivery, Mailer},
 };
 
@@ -33,6 +34,8 @@ use crate::{
 #[derive(Clone)]
 pub struct AppState {
     pub admin: Admin,
+    /// The kernel maps that follow the store.
+    pub kernel: std::sync::Arc<KernelSync>,
     pub mailer: std::sync::Arc<Mailer>,
     /// Login address written into credentials emails.
     pub login_server: String,
@@ -111,6 +114,18 @@ struct ApiError(AdminError);
 impl From<AdminError> for ApiError {
     fn from(error: AdminError) -> Self {
         Self(error)
+    }
+}
+
+impl From<KernelError> for ApiError {
+    /// A change that is in the store but could not be applied to the kernel: the agent
+    /// applies the store again when it restarts.
+    fn from(error: KernelError) -> Self {
+        Self(AdminError::Internal(format!(
+            "the change is saved but was not applied to the kernel: {:#}; restart the agent \
+             to apply the stored state",
+            anyhow::Error::from(error)
+        )))
     }
 }
 
@@ -292,7 +307,9 @@ async fn delete_instance(
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<serde_json::Value> {
     let admin = &state.admin;
+    let instance = admin.instance(&id).await?;
     admin.delete_instance(&id).await?;
+    state.kernel.remove_instance(&instance)?;
     Ok(Json(json!({ "deleted": id })))
 }
 
@@ -319,7 +336,9 @@ async fn set_network(
         allowed_destinations: body.allowed_destinations,
         client_to_client: body.client_to_client,
     };
-    Ok(Json(admin.set_network(&id, &change).await?))
+    let network = admin.set_network(&id, &change).await?;
+    state.kernel.apply_instance(&admin.instance(&id).await?, &network)?;
+    Ok(Json(network))
 }
 
 async fn list_accounts(
@@ -344,6 +363,7 @@ async fn create_account(
     };
     let created = state.admin.create_account(&id, &new).await?;
     let account = &created.account;
+    state.kernel.apply_account(&state.admin.instance(&id).await?, account, None)?;
     let email = state
         .send_credentials(
             &account.email,
@@ -371,6 +391,7 @@ async fn update_account(
 ) -> ApiResult<crate::admin::Account> {
     let admin = &state.admin;
     let mut account = admin.account(&id, &username).await?;
+    let previous = account.static_ip;
     if let Some(address) = optional_address("static_ip", body.static_ip)? {
         account = admin.set_static_ip(&id, &username, address).await?;
     }
@@ -380,6 +401,7 @@ async fn update_account(
     if let Some(enabled) = body.enabled {
         account = admin.set_enabled(&id, &username, enabled).await?;
     }
+    state.kernel.apply_account(&admin.instance(&id).await?, &account, previous)?;
     Ok(Json(account))
 }
 
@@ -388,7 +410,9 @@ async fn delete_account(
     UrlPath((id, username)): UrlPath<(String, String)>,
 ) -> ApiResult<serde_json::Value> {
     let admin = &state.admin;
+    let account = admin.account(&id, &username).await?;
     admin.delete_account(&id, &username).await?;
+    state.kernel.remove_account(&account)?;
     Ok(Json(json!({ "deleted": username })))
 }
 

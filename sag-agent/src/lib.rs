@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod dataplane;
+pub mod kernel;
 pub mod notify;
 pub mod pools;
 pub mod store;

@@ -273,6 +273,22 @@ fn rejected_cases() -> Vec<Rejected> {
         ),
         case("no CIDR block", Change::Network(blocks(&[])), "invalid cidr_blocks"),
         case(
+            "allowed destination inside the client blocks",
+            Change::Network(NetworkChange {
+                allowed_destinations: Some(nets(&["10.1.0.0/25"])),
+                ..NetworkChange::default()
+            }),
+            "invalid allowed_destinations",
+        ),
+        case(
+            "allowed destination listed twice",
+            Change::Network(NetworkChange {
+                allowed_destinations: Some(nets(&["172.16.0.0/12", "172.16.0.0/12"])),
+                ..NetworkChange::default()
+            }),
+            "invalid allowed_destinations",
+        ),
+        case(
             "blocks overlap each other",
             Change::Network(blocks(&["10.1.0.0/16", "10.1.5.0/24"])),
             "invalid cidr_blocks",

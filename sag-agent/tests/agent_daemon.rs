@@ -21,22 +21,27 @@ use sag_agent::{
 };
 use sqlx::Row as _;
 
-/// A state directory and a running `sag-agent run`, both removed when dropped.
+/// A state directory, a pin directory and a running `sag-agent run`, all removed when
+/// dropped.
 struct Daemon {
     directory: PathBuf,
+    pin_dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Daemon {
     fn start() -> Self {
         let directory = std::env::temp_dir().join(unique_name("sag-daemon-"));
+        let pin_dir = Path::new("/sys/fs/bpf").join(unique_name("sag-daemon-"));
         std::fs::create_dir_all(&directory).unwrap();
         let config = format!(
-            "[agent]\nstate_dir = \"{0}/state\"\nsocket = \"{0}/run/agent.sock\"\n",
-            directory.display()
+            "[agent]\nstate_dir = \"{0}/state\"\nsocket = \"{0}/run/agent.sock\"\n\
+             pin_dir = \"{1}\"\n",
+            directory.display(),
+            pin_dir.display()
         );
         std::fs::write(directory.join("agent.toml"), config).unwrap();
-        let mut daemon = Self { directory, child: None };
+        let mut daemon = Self { directory, pin_dir, child: None };
         daemon.spawn();
         daemon
     }
@@ -78,6 +83,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.directory);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 
@@ -299,4 +305,87 @@ fn credentials_email_lands_in_outbox() {
         assert!(text.contains(&reset.password));
         assert_ne!(reset.password, reply.created.password);
     });
+}
+
+#[test]
+fn kernel_follows_admin_changes() {
+    use sag_agent::{api::UpdateAccountBody, dataplane::PinnedCounters};
+    use sag_common::policy::{RateLimit, CLIENT_BLOCKED, ENFORCE_DESTINATIONS};
+
+    let mut daemon = Daemon::start();
+    let client = ApiClient::new(&daemon.socket());
+    let runtime = runtime();
+    let address = Ipv4Addr::new(10, 20, 0, 5);
+    let instance = runtime.block_on(async {
+        let instance = create_instance(&client, 5).await;
+        let network = NetworkBody {
+            allowed_destinations: Some(vec!["198.18.0.0/24".parse().unwrap()]),
+            ..NetworkBody::default()
+        };
+        let path = format!("/instances/{}/network", instance.id);
+        let _: serde_json::Value = client.call(Method::PATCH, &path, Some(&network)).await.unwrap();
+        let body = CreateAccountBody {
+            username: Some("static01".to_owned()),
+            email: "static01@example.com".to_owned(),
+            static_ip: Some(address),
+            bandwidth_kbps: Some(512),
+            ..CreateAccountBody::default()
+        };
+        let path = format!("/instances/{}/accounts", instance.id);
+        let _: CreatedAccount = client.call(Method::POST, &path, Some(&body)).await.unwrap();
+        instance
+    });
+    let pin_dir = daemon.pin_dir.clone();
+    let record = |address| PinnedCounters::open(&pin_dir).unwrap().client_record(address).unwrap();
+
+    let created = record(address).expect("the static address is a client in the kernel");
+    assert_eq!(created.instance, instance.kernel_number);
+    assert_eq!(created.rx, RateLimit::with_default_burst(512));
+    assert_eq!(created.tx, RateLimit::with_default_burst(512));
+    assert_eq!(created.flags, ENFORCE_DESTINATIONS);
+    assert_eq!(created.pool_count, 1);
+    assert_eq!(created.allowed_count, 1);
+
+    // Disable, a new bandwidth and a new static address, each applied at once.
+    let account_path = format!("/instances/{}/accounts/static01", instance.id);
+    let moved = Ipv4Addr::new(10, 20, 0, 6);
+    runtime.block_on(async {
+        let update = UpdateAccountBody {
+            enabled: Some(false),
+            bandwidth_kbps: Some(1_000),
+            static_ip: Some(moved.to_string()),
+        };
+        let _: Account = client.call(Method::PATCH, &account_path, Some(&update)).await.unwrap();
+    });
+    assert!(record(address).is_none(), "the old address left the kernel");
+    let changed = record(moved).expect("the new address is a client");
+    assert_eq!(changed.flags, ENFORCE_DESTINATIONS | CLIENT_BLOCKED);
+    assert_eq!(changed.rx, RateLimit::with_default_burst(1_000));
+
+    // Allowed destinations follow the instance.
+    runtime.block_on(async {
+        let network = NetworkBody {
+            allowed_destinations: Some(vec![
+                "198.18.0.0/24".parse().unwrap(),
+                "172.16.0.0/12".parse().unwrap(),
+            ]),
+            ..NetworkBody::default()
+        };
+        let path = format!("/instances/{}/network", instance.id);
+        let _: serde_json::Value = client.call(Method::PATCH, &path, Some(&network)).await.unwrap();
+    });
+    assert_eq!(record(moved).unwrap().allowed_count, 2);
+
+    // A restarted agent writes the same record from the store.
+    daemon.kill();
+    daemon.spawn();
+    assert_eq!(record(moved).unwrap().rx, RateLimit::with_default_burst(1_000));
+    assert_eq!(record(moved).unwrap().allowed_count, 2);
+
+    // Deleting the account removes it from the kernel.
+    runtime.block_on(async {
+        let _: serde_json::Value =
+            client.call(Method::DELETE, &account_path, None::<&()>).await.unwrap();
+    });
+    assert!(record(moved).is_none());
 }

@@ -7,7 +7,10 @@ use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
-use crate::{admin::Admin, api, clock::SystemClock, config::Config, notify::Mailer, store::Store};
+use crate::{
+    admin::Admin, api, clock::SystemClock, config::Config, kernel::KernelSync, notify::Mailer,
+    store::Store,
+};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -48,8 +51,14 @@ async fn serve(config: Config) -> Result<()> {
     };
     info!(store = %config.store_path().display(), "agent started");
     let mailer = Mailer::new(&config.mail()).context("invalid [mail] configuration")?;
+    let kernel = KernelSync::load(&config.agent.pin_dir).context("failed to load the dataplane")?;
+    kernel
+        .apply_all(&admin)
+        .await
+        .context("failed to bring the kernel maps in step with the store")?;
     let state = api::AppState {
         admin,
+        kernel: Arc::new(kernel),
         mailer: Arc::new(mailer),
         login_server: config.agent.login_server.clone(),
     };

@@ -160,6 +160,35 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Forgets instance number `instance` and removes its clients from the kernel.
+    ///
+    /// # Errors
+    /// Fails if the kernel refuses an update.
+    pub fn remove_instance(&mut self, instance: u32) -> Result<(), DataplaneError> {
+        let name = map_names::CLIENTS;
+        let members: Vec<Ipv4Addr> = {
+            let clients: BpfHashMap<&MapData, u32, Client> = self.typed_map(name)?;
+            let mut members = Vec::new();
+            for entry in clients.iter() {
+                let (address, client) = entry.map_err(map_error(name))?;
+                if client.instance == instance {
+                    members.push(Ipv4Addr::from(address));
+                }
+            }
+            members
+        };
+        for address in members {
+            self.remove_client(address)?;
+        }
+        if let Some((_, tunnel)) = self.instances.remove(&instance) {
+            if tunnel != 0 {
+                self.unbind_tunnel(tunnel)?;
+            }
+        }
+        debug!(instance, "instance removed");
+        Ok(())
+    }
+
     /// Binds the tunnel interface with index `ifindex` to `instance`: packets arriving on it
     /// from an address that is not a client of that instance are dropped as spoofed, and the
     /// instance's clients are accepted only there. An unbound tunnel passes packets from

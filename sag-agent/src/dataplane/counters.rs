@@ -104,6 +104,18 @@ impl PinnedCounters {
     pub fn interface_counters(&self) -> Result<Vec<InterfaceCounter>, DataplaneError> {
         read_interfaces(&self.interfaces)
     }
+
+    /// Returns the kernel's record of client `address`, if it is a client.
+    ///
+    /// # Errors
+    /// Fails if the map cannot be read.
+    pub fn client_record(&self, address: Ipv4Addr) -> Result<Option<Client>, DataplaneError> {
+        match self.clients.get(&u32::from(address), 0) {
+            Ok(client) => Ok(Some(client)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_error(map_names::CLIENTS)(source)),
+        }
+    }
 }
 
 fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T, DataplaneError>
