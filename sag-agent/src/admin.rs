@@ -142,6 +142,15 @@ pub struct NetworkChange {
     pub client_to_client: Option<bool>,
 }
 
+/// A change of an account; `None` fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct AccountChange {
+    pub enabled: Option<bool>,
+    pub bandwidth_kbps: Option<u32>,
+    /// `Some(None)` removes the static address.
+    pub static_ip: Option<Option<Ipv4Addr>>,
+}
+
 /// An account to create. Without a username the email address is the username; without a
 /// password one is generated.
 #[derive(Debug, Clone, Default)]
@@ -212,7 +221,7 @@ fn months(value: u32) -> Result<(), ValidationError> {
     if !(MIN_SUBSCRIPTION_MONTHS..=MAX_SUBSCRIPTION_MONTHS).contains(&value) {
         return Err(ValidationError {
             field: "months",
-            rule: format!("must be {MIN_SUBSCRIPTION_MONTHS} to {MAX_SUBSCRIPTION_MONTHS}"),
+            rule: format!("must be {MIN_SUBSCRIPTION_MONTHS} to {MAX_SUBSCRIPTION_MONTHS} months"),
             value: value.to_string(),
         });
     }
@@ -440,6 +449,13 @@ impl Admin {
         if let Some(allowed) = &change.allowed_destinations {
             allowed_destinations(allowed)?;
         }
+        for (field, value) in
+            [("dns_active", change.dns_active), ("dns_standby", change.dns_standby)]
+        {
+            if let Some(Some(address)) = value {
+                validation::dns_server(field, address)?;
+            }
+        }
         let mut transaction = self.store.pool().begin().await?;
         fetch_instance(&mut *transaction, id).await?;
         if let Some(choice) = &change.ccn {
@@ -491,10 +507,21 @@ impl Admin {
                 if let Some(address) = address {
                     if !new_blocks.iter().any(|block| crate::pools::is_usable_host(block, address))
                     {
-                        return Err(AdminError::Conflict(format!(
-                            "invalid cidr_blocks: account {username} has static_ip {address}, \
-                             which the new blocks do not contain; change its static_ip first"
-                        )));
+                        return Err(AdminError::Invalid(ValidationError {
+                            field: "cidr_blocks",
+                            rule: format!(
+                                "must contain the static_ip {address} of account {username}; \
+                                 change that static_ip first"
+                            ),
+                            value: format!(
+                                "{:?}",
+                                new_blocks
+                                    .iter()
+                                    .map(ToString::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            ),
+                        }));
                     }
                 }
             }
@@ -548,8 +575,8 @@ impl Admin {
                 if let Some(row) = taken {
                     let existing: String = row.try_get("id")?;
                     return Err(AdminError::Conflict(format!(
-                        "{kind} name {name:?} is taken by {existing}; choose it by ID or pick \
-                         another name"
+                        "{kind}_name {name:?} is already used by {existing}; choose that \
+                         {kind} by ID (--{kind}-id) or pick another name"
                     )));
                 }
                 let network_id = generate_network_id(kind);
@@ -696,29 +723,22 @@ impl Admin {
         username: &str,
         enabled: bool,
     ) -> Result<Account, AdminError> {
-        self.update_account(instance_id, username, "enabled", i64::from(enabled)).await?;
-        info!(instance = instance_id, username, enabled, "account state changed");
-        self.account(instance_id, username).await
+        let change = AccountChange { enabled: Some(enabled), ..AccountChange::default() };
+        self.change_account(instance_id, username, &change).await
     }
 
     /// Changes an account's bandwidth.
     ///
     /// # Errors
-    /// Fails with [`AdminError::Invalid`] outside 1 to the box's ceiling.
+    /// Fails with [`AdminError::Invalid`] outside 1 to the box's ceiling (2,000 for a trial).
     pub async fn set_bandwidth(
         &self,
         instance_id: &str,
         username: &str,
         kbps: u32,
     ) -> Result<Account, AdminError> {
-        validation::bandwidth_kbps(kbps, self.bandwidth_ceiling_kbps)?;
-        // A free trial keeps its 2 Mbit/s, whatever the box allows.
-        if self.instance(instance_id).await?.trial {
-            validation::bandwidth_kbps(kbps, TRIAL_BANDWIDTH_KBPS)?;
-        }
-        self.update_account(instance_id, username, "bandwidth_kbps", i64::from(kbps)).await?;
-        info!(instance = instance_id, username, kbps, "account bandwidth changed");
-        self.account(instance_id, username).await
+        let change = AccountChange { bandwidth_kbps: Some(kbps), ..AccountChange::default() };
+        self.change_account(instance_id, username, &change).await
     }
 
     /// Sets or clears an account's static address.
@@ -732,23 +752,74 @@ impl Admin {
         username: &str,
         address: Option<Ipv4Addr>,
     ) -> Result<Account, AdminError> {
-        let mut transaction = self.store.pool().begin().await?;
-        if let Some(address) = address {
-            check_static_ip(&mut transaction, instance_id, address, Some(username)).await?;
+        let change = AccountChange { static_ip: Some(address), ..AccountChange::default() };
+        self.change_account(instance_id, username, &change).await
+    }
+
+    /// Applies every part of `change` to an account in one transaction, after checking all of
+    /// them: a change with one bad part changes nothing.
+    ///
+    /// # Errors
+    /// Fails with [`AdminError::NotFound`] for an unknown account, and with
+    /// [`AdminError::Invalid`] for a bad bandwidth or static address.
+    pub async fn change_account(
+        &self,
+        instance_id: &str,
+        username: &str,
+        change: &AccountChange,
+    ) -> Result<Account, AdminError> {
+        if let Some(kbps) = change.bandwidth_kbps {
+            validation::bandwidth_kbps(kbps, self.bandwidth_ceiling_kbps)?;
         }
-        let updated = sqlx::query(
-            "UPDATE accounts SET static_ip = $1 WHERE instance_id = $2 AND username = $3",
-        )
-        .bind(address.map(|address| address.to_string()))
-        .bind(instance_id)
-        .bind(username)
-        .execute(&mut *transaction)
-        .await?
-        .rows_affected();
-        if updated == 0 {
+        let mut transaction = self.store.pool().begin().await?;
+        let instance = fetch_instance(&mut *transaction, instance_id).await?;
+        let exists =
+            sqlx::query("SELECT username FROM accounts WHERE instance_id = $1 AND username = $2")
+                .bind(instance_id)
+                .bind(username)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if exists.is_none() {
             return Err(not_found("account", &format!("{instance_id}/{username}")));
         }
+        if let Some(kbps) = change.bandwidth_kbps {
+            // A free trial keeps its 2 Mbit/s, whatever the box allows.
+            if instance.trial {
+                validation::bandwidth_kbps(kbps, TRIAL_BANDWIDTH_KBPS)?;
+            }
+        }
+        if let Some(Some(address)) = change.static_ip {
+            check_static_ip(&mut transaction, instance_id, address, Some(username)).await?;
+        }
+        let mut updates: Vec<(&str, Option<String>, Option<i64>)> = Vec::new();
+        if let Some(enabled) = change.enabled {
+            updates.push(("enabled", None, Some(i64::from(enabled))));
+        }
+        if let Some(kbps) = change.bandwidth_kbps {
+            updates.push(("bandwidth_kbps", None, Some(i64::from(kbps))));
+        }
+        if let Some(address) = change.static_ip {
+            updates.push(("static_ip", address.map(|address| address.to_string()), None));
+        }
+        for (column, text, number) in updates {
+            let statement = format!(
+                "UPDATE accounts SET {column} = $1 WHERE instance_id = $2 AND username = $3"
+            );
+            let query = match (text, number) {
+                (_, Some(number)) => sqlx::query(&statement).bind(number),
+                (text, None) => sqlx::query(&statement).bind(text),
+            };
+            query.bind(instance_id).bind(username).execute(&mut *transaction).await?;
+        }
         transaction.commit().await?;
+        info!(
+            instance = instance_id,
+            username,
+            enabled = ?change.enabled,
+            bandwidth_kbps = ?change.bandwidth_kbps,
+            static_ip = ?change.static_ip,
+            "account changed"
+        );
         self.account(instance_id, username).await
     }
 
@@ -826,28 +897,6 @@ impl Admin {
         }
         transaction.commit().await?;
         info!(instance = instance_id, username, "account deleted");
-        Ok(())
-    }
-
-    async fn update_account(
-        &self,
-        instance_id: &str,
-        username: &str,
-        column: &'static str,
-        value: i64,
-    ) -> Result<(), AdminError> {
-        let updated = sqlx::query(&format!(
-            "UPDATE accounts SET {column} = $1 WHERE instance_id = $2 AND username = $3"
-        ))
-        .bind(value)
-        .bind(instance_id)
-        .bind(username)
-        .execute(self.store.pool())
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Err(not_found("account", &format!("{instance_id}/{username}")));
-        }
         Ok(())
     }
 }

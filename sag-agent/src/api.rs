@@ -24,7 +24,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{
-        Admin, AdminError, CreatedAccount, NetworkChange, NetworkChoice, NewAccount, NewInstance,
+        AccountChange, Admin, AdminError, CreatedAccount, NetworkChange, NetworkChoice, NewAccount,
+        NewInstance,
     },
     kernel::{KernelError, KernelSync},
     notify::{credentials_email, CredentialsReason, Delivery, Mailer},
@@ -264,7 +265,18 @@ pub fn router(state: AppState) -> Router {
             get(show_account).patch(update_account).delete(delete_account),
         )
         .route("/instances/{id}/accounts/{username}/password", post(reset_password))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(unknown_route)
         .with_state(state)
+}
+
+/// Answers requests no route takes, such as an ID with a `/` in it, with a JSON error.
+async fn unknown_route(uri: axum::http::Uri) -> Response {
+    let reply = ErrorReply {
+        kind: "not_found".to_owned(),
+        error: format!("no such API resource: {}", uri.path()),
+    };
+    (StatusCode::NOT_FOUND, Json(reply)).into_response()
 }
 
 async fn list_instances(State(state): State<AppState>) -> ApiResult<Vec<crate::admin::Instance>> {
@@ -390,17 +402,13 @@ async fn update_account(
     Json(body): Json<UpdateAccountBody>,
 ) -> ApiResult<crate::admin::Account> {
     let admin = &state.admin;
-    let mut account = admin.account(&id, &username).await?;
-    let previous = account.static_ip;
-    if let Some(address) = optional_address("static_ip", body.static_ip)? {
-        account = admin.set_static_ip(&id, &username, address).await?;
-    }
-    if let Some(kbps) = body.bandwidth_kbps {
-        account = admin.set_bandwidth(&id, &username, kbps).await?;
-    }
-    if let Some(enabled) = body.enabled {
-        account = admin.set_enabled(&id, &username, enabled).await?;
-    }
+    let previous = admin.account(&id, &username).await?.static_ip;
+    let change = AccountChange {
+        enabled: body.enabled,
+        bandwidth_kbps: body.bandwidth_kbps,
+        static_ip: optional_address("static_ip", body.static_ip)?,
+    };
+    let account = admin.change_account(&id, &username, &change).await?;
     state.kernel.apply_account(&admin.instance(&id).await?, &account, previous)?;
     Ok(Json(account))
 }

@@ -13,10 +13,7 @@ use crate::api::ErrorReply;
 /// Errors of an API call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot reach the agent at {socket}: {source}; is `sag-agent run` running, and are you \
-         root?"
-    )]
+    #[error("cannot reach the agent at {socket}; is `sag-agent run` running, and are you root?")]
     Connect { socket: PathBuf, source: std::io::Error },
     #[error("request to the agent failed: {0}")]
     Http(#[from] hyper::Error),

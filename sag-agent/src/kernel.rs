@@ -121,25 +121,38 @@ impl KernelSync {
         Ok(())
     }
 
-    /// Writes every instance and every account with a static address, as the store has them:
-    /// at start, after the maps may have been changed by an earlier run.
+    /// Makes the kernel's clients exactly the store's accounts with a static address, with
+    /// their instances' settings: at start, after an earlier run may have left the maps
+    /// otherwise (a crash between a commit and its kernel update). Counters of clients that
+    /// stay are kept.
     ///
     /// # Errors
     /// Fails on the first instance or account the dataplane rejects.
     pub async fn apply_all(&self, admin: &Admin) -> Result<(), KernelError> {
         let instances = admin.list_instances().await?;
-        let mut accounts = 0;
+        let mut wanted = std::collections::HashSet::new();
         for instance in &instances {
             let network = admin.network(&instance.id).await?;
             self.apply_instance(instance, &network)?;
             for account in admin.list_accounts(&instance.id).await? {
-                if account.static_ip.is_some() {
+                if let Some(address) = account.static_ip {
                     self.apply_account(instance, &account, None)?;
-                    accounts += 1;
+                    wanted.insert(address);
                 }
             }
         }
-        info!(instances = instances.len(), accounts, "kernel maps in step with the store");
+        let mut dataplane = self.dataplane();
+        let stale: Vec<Ipv4Addr> =
+            dataplane.clients()?.into_keys().filter(|address| !wanted.contains(address)).collect();
+        for address in &stale {
+            dataplane.remove_client(*address)?;
+        }
+        info!(
+            instances = instances.len(),
+            clients = wanted.len(),
+            removed = stale.len(),
+            "kernel maps in step with the store"
+        );
         Ok(())
     }
 }

@@ -303,6 +303,23 @@ pub fn bandwidth_kbps(value: u32, ceiling_kbps: u32) -> Result<(), ValidationErr
     Ok(())
 }
 
+/// Checks a DNS server address pushed to clients: a unicast address, not unspecified,
+/// broadcast, multicast or loopback (a client's own loopback is not this server).
+pub fn dns_server(field: &'static str, address: Ipv4Addr) -> Result<(), ValidationError> {
+    if address.is_unspecified()
+        || address.is_broadcast()
+        || address.is_multicast()
+        || address.is_loopback()
+    {
+        return Err(invalid(
+            field,
+            "must be a unicast address, not unspecified, broadcast, multicast or loopback",
+            address,
+        ));
+    }
+    Ok(())
+}
+
 /// Returns whether two blocks share an address.
 pub fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
@@ -530,6 +547,20 @@ mod tests {
         // A box configured for more lets more through, up to 10 Gbit/s.
         assert!(bandwidth_kbps(100_000, 100_000).is_ok());
         assert!(bandwidth_kbps(MAX_BOX_BANDWIDTH_KBPS + 1, u32::MAX).is_err());
+    }
+
+    #[test]
+    fn dns_server_addresses() {
+        assert!(dns_server("dns_active", Ipv4Addr::new(100, 100, 2, 136)).is_ok());
+        for bad in [
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::LOCALHOST,
+        ] {
+            let error = dns_server("dns_standby", bad).unwrap_err();
+            assert_eq!(error.field, "dns_standby", "{bad}");
+        }
     }
 
     #[test]

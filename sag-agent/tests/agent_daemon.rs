@@ -389,3 +389,55 @@ fn kernel_follows_admin_changes() {
     });
     assert!(record(moved).is_none());
 }
+
+#[test]
+fn second_agent_refuses_a_live_socket() {
+    let daemon = Daemon::start();
+    let output = Command::new(env!("CARGO_BIN_EXE_sag-agent"))
+        .args(["run", "--config"])
+        .arg(daemon.directory.join("agent.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another agent is already running on"), "{stderr}");
+    // The first agent still answers.
+    let client = ApiClient::new(&daemon.socket());
+    let instances: Vec<Instance> =
+        runtime().block_on(client.call(Method::GET, "/instances", None::<&()>)).unwrap();
+    assert!(instances.is_empty());
+}
+
+#[test]
+fn restart_removes_stale_kernel_clients() {
+    use sag_agent::dataplane::PinnedCounters;
+
+    let mut daemon = Daemon::start();
+    let client = ApiClient::new(&daemon.socket());
+    let runtime = runtime();
+    runtime.block_on(async {
+        let instance = create_instance(&client, 5).await;
+        let path = format!("/instances/{}/accounts", instance.id);
+        for n in 0..2 {
+            let _: CreatedAccount =
+                client.call(Method::POST, &path, Some(&account_body(n))).await.unwrap();
+        }
+    });
+    daemon.kill();
+    // As if the agent had crashed between a delete's commit and its kernel update.
+    runtime.block_on(async {
+        let store = sag_agent::store::Store::open_sqlite(&daemon.store_path()).await.unwrap();
+        sqlx::query("DELETE FROM accounts WHERE username = $1")
+            .bind("user00001")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store.close().await;
+    });
+    let pin_dir = daemon.pin_dir.clone();
+    let pinned = || PinnedCounters::open(&pin_dir).unwrap();
+    assert!(pinned().client_record(static_address(1)).unwrap().is_some());
+    daemon.spawn();
+    assert!(pinned().client_record(static_address(1)).unwrap().is_none(), "stale client removed");
+    assert!(pinned().client_record(static_address(0)).unwrap().is_some(), "stored client kept");
+}

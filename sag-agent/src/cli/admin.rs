@@ -16,6 +16,7 @@ use crate::{
         PasswordBody, PasswordReply, TrialBody, UpdateAccountBody,
     },
     api_client::ApiClient,
+    validation,
 };
 
 #[derive(Debug, Args)]
@@ -136,8 +137,9 @@ impl PasswordSource {
             return Ok(Some(text.lines().next().unwrap_or_default().to_owned()));
         }
         if let Some(variable) = &self.password_env {
-            let value = std::env::var(variable)
-                .with_context(|| format!("--password-env {variable}: the variable is not set"))?;
+            let Ok(value) = std::env::var(variable) else {
+                bail!("--password-env {variable}: the variable is not set");
+            };
             return Ok(Some(value));
         }
         Ok(None)
@@ -181,6 +183,7 @@ enum AccountAction {
         password: PasswordSource,
     },
     /// Change an account's bandwidth or static address.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["bandwidth", "static_ip", "no_static_ip"])))]
     Set {
         instance: String,
         username: String,
@@ -275,10 +278,9 @@ pub fn run_instance(command: InstanceCommand) -> Result<()> {
             show_instances(options, &instances)
         }
         InstanceAction::Show { id } => {
-            let instance: Instance =
-                call(options, Method::GET, &format!("/instances/{id}"), NO_BODY)?;
+            let instance: Instance = call(options, Method::GET, &instance_path(&id)?, NO_BODY)?;
             let network: Network =
-                call(options, Method::GET, &format!("/instances/{id}/network"), NO_BODY)?;
+                call(options, Method::GET, &format!("{}/network", instance_path(&id)?), NO_BODY)?;
             if options.json {
                 return print_json(
                     &serde_json::json!({ "instance": instance, "network": network }),
@@ -299,7 +301,7 @@ pub fn run_instance(command: InstanceCommand) -> Result<()> {
         }
         InstanceAction::Delete { id } => {
             let reply: serde_json::Value =
-                call(options, Method::DELETE, &format!("/instances/{id}"), NO_BODY)?;
+                call(options, Method::DELETE, &instance_path(&id)?, NO_BODY)?;
             if options.json {
                 return print_json(&reply);
             }
@@ -322,7 +324,7 @@ pub fn run_network(command: NetworkCommand) -> Result<()> {
     let options = &command.options;
     let network: Network = match command.action {
         NetworkAction::Show { id } => {
-            call(options, Method::GET, &format!("/instances/{id}/network"), NO_BODY)?
+            call(options, Method::GET, &format!("{}/network", instance_path(&id)?), NO_BODY)?
         }
         NetworkAction::Set(args) => {
             let body = NetworkBody {
@@ -340,7 +342,12 @@ pub fn run_network(command: NetworkCommand) -> Result<()> {
                 },
                 client_to_client: args.client_to_client,
             };
-            call(options, Method::PATCH, &format!("/instances/{}/network", args.id), Some(&body))?
+            call(
+                options,
+                Method::PATCH,
+                &format!("{}/network", instance_path(&args.id)?),
+                Some(&body),
+            )?
         }
     };
     if options.json {
@@ -372,8 +379,21 @@ fn show_accounts(options: &ClientOptions, accounts: &[Account]) -> Result<()> {
     Ok(())
 }
 
-fn account_path(instance: &str, username: &str) -> String {
-    format!("/instances/{instance}/accounts/{username}")
+/// Returns the API path of an account, after checking that the ID and username are
+/// well-formed, so that nothing else can ride along in the URL.
+fn account_path(instance: &str, username: &str) -> Result<String> {
+    validation::instance_id(instance)?;
+    if validation::username(username).is_err() {
+        // Accounts made from an email address have it as their username.
+        validation::email(username).map_err(|_| validation::username(username).unwrap_err())?;
+    }
+    Ok(format!("/instances/{instance}/accounts/{username}"))
+}
+
+/// Returns the API path of an instance, after checking its ID.
+fn instance_path(instance: &str) -> Result<String> {
+    validation::instance_id(instance)?;
+    Ok(format!("/instances/{instance}"))
 }
 
 /// Runs an account command.
@@ -391,7 +411,7 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
             let reply: AccountCreatedReply = call(
                 options,
                 Method::POST,
-                &format!("/instances/{instance}/accounts"),
+                &format!("{}/accounts", instance_path(&instance)?),
                 Some(&body),
             )?;
             if options.json {
@@ -403,13 +423,17 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
             Ok(())
         }
         AccountAction::List { instance } => {
-            let accounts: Vec<Account> =
-                call(options, Method::GET, &format!("/instances/{instance}/accounts"), NO_BODY)?;
+            let accounts: Vec<Account> = call(
+                options,
+                Method::GET,
+                &format!("{}/accounts", instance_path(&instance)?),
+                NO_BODY,
+            )?;
             show_accounts(options, &accounts)
         }
         AccountAction::Show { instance, username } => {
             let account: Account =
-                call(options, Method::GET, &account_path(&instance, &username), NO_BODY)?;
+                call(options, Method::GET, &account_path(&instance, &username)?, NO_BODY)?;
             show_accounts(options, &[account])
         }
         AccountAction::Enable { instance, username } => {
@@ -420,7 +444,7 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
         }
         AccountAction::Delete { instance, username } => {
             let reply: serde_json::Value =
-                call(options, Method::DELETE, &account_path(&instance, &username), NO_BODY)?;
+                call(options, Method::DELETE, &account_path(&instance, &username)?, NO_BODY)?;
             if options.json {
                 return print_json(&reply);
             }
@@ -432,7 +456,7 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
             let reply: PasswordReply = call(
                 options,
                 Method::POST,
-                &format!("{}/password", account_path(&instance, &username)),
+                &format!("{}/password", account_path(&instance, &username)?),
                 Some(&body),
             )?;
             if options.json {
@@ -443,9 +467,6 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
             Ok(())
         }
         AccountAction::Set { instance, username, bandwidth, static_ip, no_static_ip } => {
-            if bandwidth.is_none() && static_ip.is_none() && !no_static_ip {
-                bail!("nothing to change: give --bandwidth, --static-ip or --no-static-ip");
-            }
             let body = UpdateAccountBody {
                 enabled: None,
                 bandwidth_kbps: bandwidth,
@@ -456,7 +477,7 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
                 },
             };
             let account: Account =
-                call(options, Method::PATCH, &account_path(&instance, &username), Some(&body))?;
+                call(options, Method::PATCH, &account_path(&instance, &username)?, Some(&body))?;
             show_accounts(options, &[account])
         }
     }
@@ -488,6 +509,6 @@ fn set_enabled(
 ) -> Result<()> {
     let body = UpdateAccountBody { enabled: Some(enabled), ..UpdateAccountBody::default() };
     let account: Account =
-        call(options, Method::PATCH, &account_path(instance, username), Some(&body))?;
+        call(options, Method::PATCH, &account_path(instance, username)?, Some(&body))?;
     show_accounts(options, &[account])
 }

@@ -35,9 +35,24 @@ async fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("failed to create the state directory {}", state_dir.display()))?;
     // The store has password hashes: only root may read it.
     std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))?;
+    let socket = config.agent.socket.clone();
+    // A second agent on the same socket would take the admin API from the first.
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        anyhow::bail!(
+            "another agent is already running on {}; stop it first, or give this one another \
+             agent.socket",
+            socket.display()
+        );
+    }
     let store = Store::open_sqlite(&config.store_path()).await?;
     let admin = Admin::new(store.clone(), Arc::new(SystemClock), config.agent.max_bandwidth_kbps);
-    let socket = config.agent.socket.clone();
+    let mailer = Mailer::new(&config.mail()).context("invalid [mail] configuration")?;
+    let kernel = KernelSync::load(&config.agent.pin_dir).context("failed to load the dataplane")?;
+    kernel
+        .apply_all(&admin)
+        .await
+        .context("failed to bring the kernel maps in step with the store")?;
+    // The socket comes last, so that a start that fails leaves no dead socket behind.
     let listener = api::bind(&socket)
         .with_context(|| format!("failed to listen on the admin socket {}", socket.display()))?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -50,12 +65,6 @@ async fn serve(config: Config) -> Result<()> {
         info!("stopping");
     };
     info!(store = %config.store_path().display(), "agent started");
-    let mailer = Mailer::new(&config.mail()).context("invalid [mail] configuration")?;
-    let kernel = KernelSync::load(&config.agent.pin_dir).context("failed to load the dataplane")?;
-    kernel
-        .apply_all(&admin)
-        .await
-        .context("failed to bring the kernel maps in step with the store")?;
     let state = api::AppState {
         admin,
         kernel: Arc::new(kernel),

@@ -78,6 +78,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Returns the exit code for an error returned by [`run`].
 pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<crate::validation::ValidationError>().is_some() {
+        return 3;
+    }
     error
         .downcast_ref::<crate::api_client::ClientError>()
         .map_or(1, crate::api_client::ClientError::exit_code)
