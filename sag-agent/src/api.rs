@@ -31,7 +31,7 @@ use crate::{
     notify::{credentials_email, CredentialsReason, Delivery, Mailer},
 };
 
-/// What the API handlers share.
+/// State shared by the API handlers.
 #[derive(Clone)]
 pub struct AppState {
     pub admin: Admin,
@@ -42,7 +42,7 @@ pub struct AppState {
     pub login_server: String,
 }
 
-/// How a credentials email went.
+/// Outcome of a credentials email.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EmailReport {
     pub to: String,
@@ -50,7 +50,7 @@ pub struct EmailReport {
     pub delivery: String,
     /// The .eml file, for the outbox.
     pub path: Option<String>,
-    /// Why sending failed.
+    /// Reason sending failed.
     pub error: Option<String>,
 }
 
@@ -119,8 +119,8 @@ impl From<AdminError> for ApiError {
 }
 
 impl From<KernelError> for ApiError {
-    /// A change that is in the store but could not be applied to the kernel: the agent
-    /// applies the store again when it restarts.
+    /// Reports a change that is in the store but could not be applied to the kernel. The
+    /// agent applies the store again when it restarts.
     fn from(error: KernelError) -> Self {
         Self(AdminError::Internal(format!(
             "the change is saved but was not applied to the kernel: {:#}; restart the agent \
@@ -270,7 +270,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Answers requests no route takes, such as an ID with a `/` in it, with a JSON error.
+/// Replies with a JSON error to requests that no route takes, such as an ID with a `/` in it.
 async fn unknown_route(uri: axum::http::Uri) -> Response {
     let reply = ErrorReply {
         kind: "not_found".to_owned(),

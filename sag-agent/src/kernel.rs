@@ -1,5 +1,5 @@
-//! Keeps the kernel maps in step with the store: instance settings, and the accounts whose
-//! address is known (static addresses now; connected clients once tunnels exist).
+//! Kernel maps kept in step with the store: instance settings, and the accounts whose address
+//! is known. For now those are the static addresses; connected clients join with the tunnels.
 
 use std::{net::Ipv4Addr, path::Path, sync::Mutex};
 
@@ -130,26 +130,29 @@ impl KernelSync {
     /// Fails on the first instance or account the dataplane rejects.
     pub async fn apply_all(&self, admin: &Admin) -> Result<(), KernelError> {
         let instances = admin.list_instances().await?;
-        let mut wanted = std::collections::HashSet::new();
+        let mut expected = std::collections::HashSet::new();
         for instance in &instances {
             let network = admin.network(&instance.id).await?;
             self.apply_instance(instance, &network)?;
             for account in admin.list_accounts(&instance.id).await? {
                 if let Some(address) = account.static_ip {
                     self.apply_account(instance, &account, None)?;
-                    wanted.insert(address);
+                    expected.insert(address);
                 }
             }
         }
         let mut dataplane = self.dataplane();
-        let stale: Vec<Ipv4Addr> =
-            dataplane.clients()?.into_keys().filter(|address| !wanted.contains(address)).collect();
+        let stale: Vec<Ipv4Addr> = dataplane
+            .clients()?
+            .into_keys()
+            .filter(|address| !expected.contains(address))
+            .collect();
         for address in &stale {
             dataplane.remove_client(*address)?;
         }
         info!(
             instances = instances.len(),
-            clients = wanted.len(),
+            clients = expected.len(),
             removed = stale.len(),
             "kernel maps in step with the store"
         );
