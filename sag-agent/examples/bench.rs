@@ -64,7 +64,7 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// The address of client `n` of the benchmark, in 10.77.0.0/16 from 10.77.0.2.
+/// Returns the address of client `n` of the benchmark, in 10.77.0.0/16 from 10.77.0.2.
 fn bench_client(n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 77, 0, 2)) + n)
 }
@@ -75,8 +75,8 @@ fn full_path_settings() -> ClientSettings {
     ClientSettings { instance: INSTANCE, blocked: false, rx: limit, tx: limit }
 }
 
-/// The benchmark's instance: pools that hold both topologies' clients, and the company
-/// network allowed.
+/// Returns the benchmark's instance: pools that contain both topologies' clients, and the
+/// company network allowed.
 fn bench_instance() -> Result<InstanceSettings> {
     Ok(InstanceSettings {
         blocked: false,

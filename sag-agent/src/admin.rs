@@ -493,60 +493,14 @@ impl Admin {
                 .await?;
         }
         if let Some(new_blocks) = &change.cidr_blocks {
-            let others = other_instances_blocks(&mut transaction, id).await?;
-            validation::cidr_blocks(new_blocks, &others)?;
-            let statics = sqlx::query(
-                "SELECT username, static_ip FROM accounts WHERE instance_id = $1 AND static_ip IS NOT NULL",
-            )
-            .bind(id)
-            .fetch_all(&mut *transaction)
-            .await?;
-            for row in statics {
-                let username: String = row.try_get("username")?;
-                let address = parse_address(row.try_get("static_ip")?);
-                if let Some(address) = address {
-                    if !new_blocks.iter().any(|block| crate::pools::is_usable_host(block, address))
-                    {
-                        return Err(AdminError::Invalid(ValidationError {
-                            field: "cidr_blocks",
-                            rule: format!(
-                                "must contain the static_ip {address} of account {username}; \
-                                 change that static_ip first"
-                            ),
-                            value: format!(
-                                "{:?}",
-                                new_blocks
-                                    .iter()
-                                    .map(ToString::to_string)
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            ),
-                        }));
-                    }
-                }
-            }
+            check_client_blocks(&mut transaction, id, new_blocks).await?;
             replace_blocks(&mut transaction, "cidr_blocks", id, new_blocks).await?;
         }
         if let Some(allowed) = &change.allowed_destinations {
             replace_blocks(&mut transaction, "allowed_destinations", id, allowed).await?;
         }
-        // The kernel lets the client-to-client setting decide inside the client blocks, so an
-        // allowed destination there would not mean what it says.
-        let client_blocks = table_blocks(&mut transaction, "cidr_blocks", id).await?;
-        let allowed = table_blocks(&mut transaction, "allowed_destinations", id).await?;
-        for block in &allowed {
-            if let Some(pool) = client_blocks.iter().find(|pool| validation::overlaps(pool, block))
-            {
-                return Err(AdminError::Invalid(ValidationError {
-                    field: "allowed_destinations",
-                    rule: format!(
-                        "{block} overlaps client block {pool}; traffic between clients is \
-                         governed by client_to_client instead"
-                    ),
-                    value: format!("{block:?}"),
-                }));
-            }
-        }
+        check_allowed_outside_client_blocks(&mut transaction, id).await?;
+
         transaction.commit().await?;
         info!(instance = id, "network configuration changed");
         self.network(id).await
@@ -1005,6 +959,65 @@ async fn blocks(
     Ok(rows.iter().filter_map(|row| row.try_get::<String, _>("block").ok()?.parse().ok()).collect())
 }
 
+/// Checks new client blocks of instance `id`: the block rules, no overlap with other
+/// instances, and every static address of its accounts still inside them.
+async fn check_client_blocks(
+    transaction: &mut Transaction<'static, Any>,
+    id: &str,
+    new_blocks: &[Ipv4Net],
+) -> Result<(), AdminError> {
+    let others = other_instances_blocks(transaction, id).await?;
+    validation::cidr_blocks(new_blocks, &others)?;
+    let statics = sqlx::query(
+        "SELECT username, static_ip FROM accounts WHERE instance_id = $1 AND static_ip IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_all(&mut **transaction)
+    .await?;
+    for row in statics {
+        let username: String = row.try_get("username")?;
+        let Some(address) = parse_address(row.try_get("static_ip")?) else {
+            continue;
+        };
+        if !new_blocks.iter().any(|block| crate::pools::is_usable_host(block, address)) {
+            let listed = new_blocks.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            return Err(AdminError::Invalid(ValidationError {
+                field: "cidr_blocks",
+                rule: format!(
+                    "must contain the static_ip {address} of account {username}; change that \
+                     static_ip first"
+                ),
+                value: format!("{listed:?}"),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that no allowed destination of instance `id` overlaps its client blocks. The kernel
+/// lets the client-to-client setting decide inside the client blocks, so an allowed
+/// destination there would not mean what it is written to mean.
+async fn check_allowed_outside_client_blocks(
+    transaction: &mut Transaction<'static, Any>,
+    id: &str,
+) -> Result<(), AdminError> {
+    let client_blocks = table_blocks(transaction, "cidr_blocks", id).await?;
+    let allowed = table_blocks(transaction, "allowed_destinations", id).await?;
+    for block in &allowed {
+        if let Some(pool) = client_blocks.iter().find(|pool| validation::overlaps(pool, block)) {
+            return Err(AdminError::Invalid(ValidationError {
+                field: "allowed_destinations",
+                rule: format!(
+                    "{block} overlaps client block {pool}; traffic between clients is governed \
+                     by client_to_client instead"
+                ),
+                value: format!("{block:?}"),
+            }));
+        }
+    }
+    Ok(())
+}
+
 async fn table_blocks(
     transaction: &mut Transaction<'static, Any>,
     table: &'static str,
@@ -1056,8 +1069,8 @@ async fn replace_blocks(
     Ok(())
 }
 
-/// Checks a static address for an account of `instance_id`; `owner_username` is the account
-/// that will hold it, whose own current address does not count as taken.
+/// Checks a static address for an account of `instance_id`. `owner_username` is the account
+/// that gets it, so its own current address does not count as taken.
 async fn check_static_ip(
     transaction: &mut Transaction<'static, Any>,
     instance_id: &str,

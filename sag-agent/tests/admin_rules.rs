@@ -34,7 +34,7 @@ impl Drop for TempStore {
     }
 }
 
-/// Every row of every table, as text, in a stable order.
+/// Returns every row of every table, as text, in a stable order.
 async fn dump(store: &Store) -> Vec<String> {
     let mut rows = Vec::new();
     for table in [
@@ -120,7 +120,7 @@ fn account(username: &str) -> NewAccount {
     }
 }
 
-/// A string of `length` characters starting with `first` and filled with `fill`.
+/// Returns a string of `length` characters: `first`, then `fill`.
 fn text(first: char, fill: char, length: usize) -> String {
     std::iter::once(first).chain(std::iter::repeat(fill)).take(length).collect()
 }

@@ -401,7 +401,7 @@ fn second_agent_refuses_a_live_socket() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("another agent is already running on"), "{stderr}");
-    // The first agent still answers.
+    // The first agent still serves requests.
     let client = ApiClient::new(&daemon.socket());
     let instances: Vec<Instance> =
         runtime().block_on(client.call(Method::GET, "/instances", None::<&()>)).unwrap();

@@ -246,8 +246,8 @@ fn attach_to_missing_interface_fails() {
 
 /// Clients behind an Ethernet link send UDP datagrams to the server from their own sockets; the
 /// echoes come back to them. Every datagram crosses the gateway's client link once each way.
-/// With the VLAN, XDP sees the tag in the frame; at TC egress the kernel still keeps the tag
-/// outside the frame data, so the tx program sees an untagged frame there.
+/// With the VLAN, XDP parses the tag in the frame. At TC egress the kernel still keeps the tag
+/// outside the frame data, so the tx program parses an untagged frame there.
 fn ethernet_counts_exactly(vlan: bool) {
     let topology = EthernetTopology::new(vlan, 3).unwrap();
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");

@@ -43,7 +43,8 @@ fn enforcing(topology: &TunTopology) -> Dataplane {
     dataplane
 }
 
-/// The test instance: clients in 10.77.0.0/24, allowed to reach 198.18.0.0/24.
+/// Returns the test instance's settings: clients in 10.77.0.0/24, allowed to reach
+/// 198.18.0.0/24.
 fn instance_settings(blocked: bool) -> InstanceSettings {
     InstanceSettings {
         blocked,
@@ -173,7 +174,7 @@ fn two_clients_limited_independently_and_live_change() {
 
     assert_rate("slow client before", rate_kbps(&slow_arrivals, WARM_UP, change_at), 512.0);
     assert_rate("fast client before", rate_kbps(&fast_arrivals, WARM_UP, change_at), 2_000.0);
-    // Each new rate holds over the second that starts 1 s after the change, and after it. A
+    // Each new rate is in force over the second that starts 1 s after the change, and after it. A
     // change that took longer than 1 s would leave the first of these windows off by more
     // than 5%: the old and new rates differ by 2x or more.
     let second = Duration::from_secs(1);

@@ -237,7 +237,7 @@ fn expected_verdict(program: Program) -> u32 {
     }
 }
 
-/// The cases, and each rx case again for the TC ingress twin of its XDP program.
+/// Returns the cases, and each rx case again for the TC ingress twin of its XDP program.
 fn cases_on_every_hook() -> Vec<Case> {
     let mut all = Vec::new();
     for case in cases() {

@@ -1,8 +1,8 @@
 //! Runs the programs on crafted packets through BPF_PROG_TEST_RUN to check each enforcement
 //! rule: its verdict, the drop counter under its reason, and live updates. Needs root.
 //!
-//! A test run of an XDP program receives on the loopback device's queue, so it sees ingress
-//! ifindex 1, and the tunnel binding for these tests is made on ifindex 1.
+//! A test run of an XDP program receives on the loopback device's queue, so its ingress
+//! ifindex is 1, and the tunnel binding for these tests is made on ifindex 1.
 
 use std::net::Ipv4Addr;
 
@@ -44,7 +44,7 @@ fn instance(allowed: &str, client_to_client: bool) -> InstanceSettings {
     }
 }
 
-/// A dataplane with `CLIENT` and `PEER` in `INSTANCE`, which allows 198.18.0.0/16, and the
+/// Loads a dataplane with `CLIENT` and `PEER` in `INSTANCE`, which allows 198.18.0.0/16, and the
 /// test tunnel bound to it.
 fn enforcing_dataplane() -> Dataplane {
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");

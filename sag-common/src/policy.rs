@@ -237,7 +237,7 @@ pub enum Source {
 /// Classifies the source of a packet that arrived on tunnel `ifindex`. `client_tunnel` is the
 /// tunnel ifindex in the source's client record, if the source is a client (0 when the
 /// client's instance has no tunnel). `arrival_bound` returns whether the tunnel is bound to an
-/// instance; it costs a lookup, so it is called only when the answer depends on it.
+/// instance; it costs a lookup, so it is called only when the result depends on it.
 #[inline(always)]
 pub fn classify_source(
     client_tunnel: Option<u32>,
