@@ -14,3 +14,4 @@ pub mod pools;
 pub mod store;
 pub mod testing;
 pub mod validation;
+pub mod wgconfig;
