@@ -143,8 +143,8 @@ impl KernelSync {
         }
         let mut dataplane = self.dataplane();
         let stale: Vec<Ipv4Addr> = dataplane
-            .clients()?
-            .into_keys()
+            .client_addresses()
+            .into_iter()
             .filter(|address| !expected.contains(address))
             .collect();
         for address in &stale {

@@ -14,7 +14,7 @@ pub enum Suite {
 
 #[derive(Debug, Args)]
 pub struct Options {
-    /// Which benchmarks to run.
+    /// Benchmark suite to run.
     #[arg(value_enum, default_value = "dataplane")]
     suite: Suite,
     /// Skip the setup step, for a machine that is known to be ready.

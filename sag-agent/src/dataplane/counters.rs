@@ -34,6 +34,11 @@ impl Dataplane {
         read_slot(&counters, slot)
     }
 
+    /// Returns the addresses of all clients, without reading their counters.
+    pub fn client_addresses(&self) -> Vec<Ipv4Addr> {
+        self.slots.keys().copied().collect()
+    }
+
     /// Returns every client's counters, summed over CPUs, sorted by address.
     pub fn clients(&self) -> Result<BTreeMap<Ipv4Addr, ClientCounters>, DataplaneError> {
         let counters: PerCpuArray<&MapData, ClientCounters> =

@@ -462,18 +462,7 @@ impl Dataplane {
         let name = program.name();
         let failed = program_error("test-run", name);
         let loaded = self.ebpf.program(name).ok_or(failed(ProgramError::NotLoaded))?;
-        let mut options = TestRunOptions::new();
-        options.data_in = Some(frame);
-        options.repeat = repeat;
-        let result = if program.is_xdp() {
-            let xdp: &Xdp = loaded.try_into().map_err(failed)?;
-            xdp.test_run(options)
-        } else {
-            let classifier: &SchedClassifier = loaded.try_into().map_err(failed)?;
-            classifier.test_run(options)
-        }
-        .map_err(failed)?;
-        Ok((result.return_value, result.duration.as_nanos() as u64))
+        test_run_loaded(loaded, frame, repeat).map_err(failed)
     }
 
     /// Returns map `name` as the typed map `T`.
@@ -495,15 +484,18 @@ impl Dataplane {
     }
 
     fn xdp_mut(&mut self, program: Program) -> Result<&mut Xdp, DataplaneError> {
-        let name = program.name();
-        self.ebpf
-            .program_mut(name)
-            .ok_or_else(|| program_error("find", name)(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error("find", name))
+        self.program_mut(program)
     }
 
     fn classifier_mut(&mut self, program: Program) -> Result<&mut SchedClassifier, DataplaneError> {
+        self.program_mut(program)
+    }
+
+    /// Returns `program` as its typed program `T`.
+    fn program_mut<'a, T>(&'a mut self, program: Program) -> Result<&'a mut T, DataplaneError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
         let name = program.name();
         self.ebpf
             .program_mut(name)
@@ -511,6 +503,27 @@ impl Dataplane {
             .try_into()
             .map_err(program_error("find", name))
     }
+}
+
+/// Runs a loaded XDP or TC program `repeat` times on `frame` through `BPF_PROG_TEST_RUN`, and
+/// returns the last verdict and the mean run time per packet in nanoseconds.
+///
+/// # Errors
+/// Fails if the program is of another type or the kernel rejects the run.
+pub fn test_run_loaded(
+    loaded: &aya::programs::Program,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, u64), ProgramError> {
+    let mut options = TestRunOptions::new();
+    options.data_in = Some(frame);
+    options.repeat = repeat;
+    let result = match loaded {
+        aya::programs::Program::Xdp(xdp) => xdp.test_run(options)?,
+        aya::programs::Program::SchedClassifier(classifier) => classifier.test_run(options)?,
+        _ => return Err(ProgramError::UnexpectedProgramType),
+    };
+    Ok((result.return_value, result.duration.as_nanos() as u64))
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError + Copy {

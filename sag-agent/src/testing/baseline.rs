@@ -2,11 +2,11 @@
 
 use anyhow::{Context as _, Result};
 use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, Xdp},
     Ebpf,
 };
 
-use crate::dataplane::Program;
+use crate::dataplane::{test_run_loaded, Program};
 
 /// The loaded baseline programs, one for each of sag's programs.
 pub struct Baseline {
@@ -53,17 +53,6 @@ impl Baseline {
     ) -> Result<(u32, u64)> {
         let name = baseline_name(program);
         let loaded = self.ebpf.program(name).with_context(|| format!("{name} not found"))?;
-        let mut options = TestRunOptions::new();
-        options.data_in = Some(frame);
-        options.repeat = repeat;
-        let result = if program.is_xdp() {
-            let xdp: &Xdp = loaded.try_into()?;
-            xdp.test_run(options)
-        } else {
-            let classifier: &SchedClassifier = loaded.try_into()?;
-            classifier.test_run(options)
-        }
-        .with_context(|| format!("test run of {name} failed"))?;
-        Ok((result.return_value, result.duration.as_nanos() as u64))
+        test_run_loaded(loaded, frame, repeat).with_context(|| format!("test run of {name} failed"))
     }
 }
