@@ -97,7 +97,7 @@ impl Config {
     ///
     /// # Errors
     /// Fails if the file cannot be read, is not valid TOML, has an unknown key, or a value
-    /// breaks its rule; the message names the key.
+    /// breaks its rule. The message names the key.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;

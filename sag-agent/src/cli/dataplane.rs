@@ -63,7 +63,7 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Limit each client to this rate in each direction, 1 to 10,000,000 kbit/s, with a bucket
-    /// of 500 ms at that rate; without it, clients are counted but not limited.
+    /// of 500 ms at that rate. Without it, clients are counted but not limited.
     #[arg(
         long,
         value_name = "KBIT/S",
