@@ -11,7 +11,8 @@ llvm_prefix=/usr/lib/llvm-22
 # `--no-install-recommends` keeps wireguard-tools from pulling in a kernel package.
 packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-  iproute2 ethtool bpftool tcpdump iperf3 wireguard-tools wireguard-go prometheus python3-aiosmtpd
+  iproute2 iputils-ping ethtool bpftool tcpdump iperf3 wireguard-tools wireguard-go prometheus
+  python3-aiosmtpd
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

@@ -667,6 +667,62 @@ impl Admin {
         account_from_row(&row)
     }
 
+    /// Returns the account if `password` is its password, and `None` for an unknown username
+    /// or a wrong password (the caller tells neither apart, to give nothing away). The hash is
+    /// checked on a blocking thread.
+    ///
+    /// # Errors
+    /// Fails if the store cannot be read or the stored hash is damaged.
+    pub async fn check_password(
+        &self,
+        instance_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Option<Account>, AdminError> {
+        let row = sqlx::query(
+            "SELECT password_hash FROM accounts WHERE instance_id = $1 AND username = $2",
+        )
+        .bind(instance_id)
+        .bind(username)
+        .fetch_optional(self.store.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = row.try_get("password_hash")?;
+        let password = password.to_owned();
+        let matches =
+            tokio::task::spawn_blocking(move || credentials::verify_password(&password, &hash))
+                .await
+                .map_err(|error| {
+                    AdminError::Internal(format!("password check task failed: {error}"))
+                })??;
+        if !matches {
+            return Ok(None);
+        }
+        Ok(Some(self.account(instance_id, username).await?))
+    }
+
+    /// Returns the address of each session of an instance, by username.
+    ///
+    /// # Errors
+    /// Fails if the store cannot be read.
+    pub async fn session_addresses(
+        &self,
+        instance_id: &str,
+    ) -> Result<std::collections::HashMap<String, Ipv4Addr>, AdminError> {
+        let rows = sqlx::query("SELECT username, address FROM sessions WHERE instance_id = $1")
+            .bind(instance_id)
+            .fetch_all(self.store.pool())
+            .await?;
+        let mut addresses = std::collections::HashMap::new();
+        for row in rows {
+            let address: String = row.try_get("address")?;
+            if let Ok(address) = address.parse() {
+                addresses.insert(row.try_get("username")?, address);
+            }
+        }
+        Ok(addresses)
+    }
+
     /// Enables or disables an account.
     ///
     /// # Errors

@@ -27,6 +27,7 @@ use crate::{
         AccountChange, Admin, AdminError, CreatedAccount, NetworkChange, NetworkChoice, NewAccount,
         NewInstance,
     },
+    gateway::{Gateway, LoginError, TunnelError, TunnelInfo},
     kernel::{KernelError, KernelSync},
     notify::{credentials_email, CredentialsReason, Delivery, Mailer},
 };
@@ -40,6 +41,22 @@ pub struct AppState {
     pub mailer: std::sync::Arc<Mailer>,
     /// Login address written into credentials emails.
     pub login_server: String,
+    /// The instances' WireGuard tunnels and sessions.
+    pub gateway: std::sync::Arc<Gateway>,
+    /// SHA-256 fingerprint of the login API's certificate, which clients pin.
+    pub login_fingerprint: String,
+}
+
+/// An instance with what its clients need to connect, as `GET /instances/{id}` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceDetail {
+    #[serde(flatten)]
+    pub instance: crate::admin::Instance,
+    /// Address of the login API, and the fingerprint of its certificate.
+    pub login_server: String,
+    pub login_fingerprint: String,
+    /// The instance's tunnel, once it has CIDR blocks.
+    pub tunnel: Option<TunnelInfo>,
 }
 
 /// Outcome of a credentials email.
@@ -127,6 +144,23 @@ impl From<KernelError> for ApiError {
              to apply the stored state",
             anyhow::Error::from(error)
         )))
+    }
+}
+
+impl From<TunnelError> for ApiError {
+    /// Reports a change that is in the store but whose tunnel could not follow.
+    fn from(error: TunnelError) -> Self {
+        Self(AdminError::Internal(format!(
+            "the change is saved but the tunnel did not follow: {:#}; restart the agent to \
+             apply the stored state",
+            anyhow::Error::from(error)
+        )))
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(error: LoginError) -> Self {
+        Self(AdminError::Internal(format!("ending the session failed: {error}")))
     }
 }
 
@@ -309,9 +343,14 @@ async fn claim_trial(
 async fn show_instance(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-) -> ApiResult<crate::admin::Instance> {
-    let admin = &state.admin;
-    Ok(Json(admin.instance(&id).await?))
+) -> ApiResult<InstanceDetail> {
+    let instance = state.admin.instance(&id).await?;
+    Ok(Json(InstanceDetail {
+        tunnel: state.gateway.tunnel_info(&instance.id).await,
+        instance,
+        login_server: state.login_server.clone(),
+        login_fingerprint: state.login_fingerprint.clone(),
+    }))
 }
 
 async fn delete_instance(
@@ -321,6 +360,7 @@ async fn delete_instance(
     let admin = &state.admin;
     let instance = admin.instance(&id).await?;
     admin.delete_instance(&id).await?;
+    state.gateway.remove_instance(&instance).await?;
     state.kernel.remove_instance(&instance)?;
     Ok(Json(json!({ "deleted": id })))
 }
@@ -349,7 +389,9 @@ async fn set_network(
         client_to_client: body.client_to_client,
     };
     let network = admin.set_network(&id, &change).await?;
-    state.kernel.apply_instance(&admin.instance(&id).await?, &network)?;
+    let instance = admin.instance(&id).await?;
+    state.kernel.apply_instance(&instance, &network)?;
+    state.gateway.sync_instance(&instance, &network).await?;
     Ok(Json(network))
 }
 
@@ -375,7 +417,7 @@ async fn create_account(
     };
     let created = state.admin.create_account(&id, &new).await?;
     let account = &created.account;
-    state.kernel.apply_account(&state.admin.instance(&id).await?, account, None)?;
+    state.kernel.apply_account(&state.admin.instance(&id).await?, account, None, None)?;
     let email = state
         .send_credentials(
             &account.email,
@@ -409,7 +451,12 @@ async fn update_account(
         static_ip: optional_address("static_ip", body.static_ip)?,
     };
     let account = admin.change_account(&id, &username, &change).await?;
-    state.kernel.apply_account(&admin.instance(&id).await?, &account, previous)?;
+    if !account.enabled {
+        // Disabling cuts the client off: its session ends and its peer goes.
+        state.gateway.end_session(&id, &username, "account disabled").await?;
+    }
+    let session = state.gateway.session_address(&id, &username).await;
+    state.kernel.apply_account(&admin.instance(&id).await?, &account, previous, session)?;
     Ok(Json(account))
 }
 
@@ -420,6 +467,7 @@ async fn delete_account(
     let admin = &state.admin;
     let account = admin.account(&id, &username).await?;
     admin.delete_account(&id, &username).await?;
+    state.gateway.end_session(&id, &username, "account deleted").await?;
     state.kernel.remove_account(&account)?;
     Ok(Json(json!({ "deleted": username })))
 }

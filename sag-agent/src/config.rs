@@ -1,6 +1,9 @@
 //! The agent's configuration file (TOML); `deploy/agent.toml` is the commented example.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
@@ -38,9 +41,24 @@ pub struct AgentConfig {
     /// 10,000,000 (10 Gbit/s).
     #[serde(default = "default_max_bandwidth")]
     pub max_bandwidth_kbps: u32,
-    /// Address that clients log in to (`HOST:PORT`), written into credentials emails.
+    /// Address that clients log in to (`HOST:PORT`), written into credentials emails. Its
+    /// host is also the WireGuard endpoint given to clients.
     #[serde(default = "default_login_server")]
     pub login_server: String,
+    /// Address the login API listens on.
+    #[serde(default = "default_login_listen")]
+    pub login_listen: SocketAddr,
+    /// Certificate and key (PEM) of the login API. Without them the agent makes a self-signed
+    /// pair in the state directory on first start.
+    pub login_cert: Option<PathBuf>,
+    pub login_key: Option<PathBuf>,
+    /// First UDP port of the instances' WireGuard devices.
+    #[serde(default = "default_first_wireguard_port")]
+    pub first_wireguard_port: u16,
+    /// Seconds without a handshake after which a login session ends and its dynamic address is
+    /// released.
+    #[serde(default = "default_session_idle_s")]
+    pub session_idle_s: u64,
 }
 
 impl Default for AgentConfig {
@@ -51,6 +69,11 @@ impl Default for AgentConfig {
             pin_dir: default_pin_dir(),
             max_bandwidth_kbps: default_max_bandwidth(),
             login_server: default_login_server(),
+            login_listen: default_login_listen(),
+            login_cert: None,
+            login_key: None,
+            first_wireguard_port: default_first_wireguard_port(),
+            session_idle_s: default_session_idle_s(),
         }
     }
 }
@@ -77,6 +100,24 @@ fn default_login_server() -> String {
     format!("{host}:{DEFAULT_LOGIN_PORT}")
 }
 
+fn default_login_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_LOGIN_PORT))
+}
+
+fn default_first_wireguard_port() -> u16 {
+    crate::gateway::DEFAULT_FIRST_WIREGUARD_PORT
+}
+
+fn default_session_idle_s() -> u64 {
+    crate::gateway::DEFAULT_SESSION_IDLE_S
+}
+
+/// Shortest idle time of a session, in seconds: two WireGuard handshake intervals of 2 minutes
+/// would be safe; below a minute, a client between two handshakes loses its session.
+pub const MIN_SESSION_IDLE_S: u64 = 60;
+/// Longest idle time of a session, in seconds: one day.
+pub const MAX_SESSION_IDLE_S: u64 = 86_400;
+
 fn default_max_bandwidth() -> u32 {
     sag_common::policy::MAX_ACCOUNT_BANDWIDTH_KBPS
 }
@@ -90,6 +131,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid agent.max_bandwidth_kbps {0}: must be 1 to 10000000 kbit/s")]
     Bandwidth(u32),
+    #[error("invalid agent.session_idle_s {0}: must be {MIN_SESSION_IDLE_S} to {MAX_SESSION_IDLE_S} seconds")]
+    SessionIdle(u64),
+    #[error("invalid agent.first_wireguard_port 0: must be 1 to 65535")]
+    WireguardPort,
+    #[error("agent.login_cert and agent.login_key go together: give both or neither")]
+    LoginCertPair,
+    #[error("invalid agent.login_server {0:?}: must be HOST:PORT")]
+    LoginServer(String),
 }
 
 impl Config {
@@ -124,6 +173,19 @@ impl Config {
         if !(1..=sag_common::policy::MAX_BOX_BANDWIDTH_KBPS).contains(&bandwidth) {
             return Err(ConfigError::Bandwidth(bandwidth));
         }
+        let agent = &config.agent;
+        if !(MIN_SESSION_IDLE_S..=MAX_SESSION_IDLE_S).contains(&agent.session_idle_s) {
+            return Err(ConfigError::SessionIdle(agent.session_idle_s));
+        }
+        if agent.first_wireguard_port == 0 {
+            return Err(ConfigError::WireguardPort);
+        }
+        if agent.login_cert.is_some() != agent.login_key.is_some() {
+            return Err(ConfigError::LoginCertPair);
+        }
+        if config.login_host().is_none() {
+            return Err(ConfigError::LoginServer(agent.login_server.clone()));
+        }
         Ok(config)
     }
 
@@ -134,6 +196,14 @@ impl Config {
             smtp: None,
             outbox_dir: self.agent.state_dir.join("outbox"),
         })
+    }
+
+    /// Returns the host part of `login_server`, without brackets around an IPv6 address.
+    pub fn login_host(&self) -> Option<&str> {
+        let (host, port) = self.agent.login_server.rsplit_once(':')?;
+        port.parse::<u16>().ok().filter(|port| *port != 0)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (!host.is_empty()).then_some(host)
     }
 
     /// Returns the path of the store file.
@@ -162,6 +232,37 @@ mod tests {
                 .to_string();
         assert!(error.contains("unknown field `sokcet`"), "{error}");
         assert!(error.contains("line 3"), "{error}");
+    }
+
+    #[test]
+    fn session_idle_edges() {
+        for (value, valid) in [(59, false), (60, true), (86_400, true), (86_401, false)] {
+            let text = format!("[agent]\nsession_idle_s = {value}\n");
+            assert_eq!(Config::parse(Path::new("a.toml"), &text).is_ok(), valid, "{value}");
+        }
+    }
+
+    #[test]
+    fn login_settings_are_checked() {
+        let parse =
+            |text: &str| Config::parse(Path::new("a.toml"), text).map_err(|e| e.to_string());
+        assert_eq!(
+            parse("[agent]\nlogin_cert = \"/c.pem\"\n").unwrap_err(),
+            "agent.login_cert and agent.login_key go together: give both or neither"
+        );
+        assert_eq!(
+            parse("[agent]\nlogin_server = \"gw.example.net\"\n").unwrap_err(),
+            "invalid agent.login_server \"gw.example.net\": must be HOST:PORT"
+        );
+        assert_eq!(
+            parse("[agent]\nfirst_wireguard_port = 0\n").unwrap_err(),
+            "invalid agent.first_wireguard_port 0: must be 1 to 65535"
+        );
+        let config = parse("[agent]\nlogin_server = \"[2001:db8::1]:8443\"\n").unwrap();
+        assert_eq!(config.login_host(), Some("2001:db8::1"));
+        let config = parse("[agent]\nlogin_server = \"gw.example.net:443\"\n").unwrap();
+        assert_eq!(config.login_host(), Some("gw.example.net"));
+        assert_eq!(config.agent.login_listen, "0.0.0.0:8443".parse().unwrap());
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! Kernel maps kept in step with the store: instance settings, and the accounts whose address
-//! is known. For now those are the static addresses; connected clients join with the tunnels.
+//! Kernel maps kept in step with the store: instance settings, the tunnels of the instances,
+//! and the clients: accounts with a static address, and the address of every session.
 
 use std::{net::Ipv4Addr, path::Path, sync::Mutex};
 
-use sag_common::policy::RateLimit;
+use sag_common::{packet::Framing, policy::RateLimit};
 use tracing::info;
 
 use crate::{
@@ -83,8 +83,9 @@ impl KernelSync {
         Ok(())
     }
 
-    /// Writes an account's settings under its static address, after removing the address it
-    /// had before (`previous`) if that changed.
+    /// Writes an account's settings under its static address and under the address of its
+    /// session (`session`), after removing the static address it had before (`previous`) if
+    /// that is neither any more.
     ///
     /// # Errors
     /// Fails if the dataplane rejects the client.
@@ -93,18 +94,78 @@ impl KernelSync {
         instance: &Instance,
         account: &Account,
         previous: Option<Ipv4Addr>,
+        session: Option<Ipv4Addr>,
     ) -> Result<(), KernelError> {
         let mut dataplane = self.dataplane();
-        if let Some(old) = previous.filter(|old| Some(*old) != account.static_ip) {
+        if let Some(old) =
+            previous.filter(|old| Some(*old) != account.static_ip && Some(*old) != session)
+        {
             match dataplane.remove_client(old) {
                 Ok(_) | Err(DataplaneError::ClientNotFound(_)) => {}
                 Err(error) => return Err(error.into()),
             }
         }
-        if let Some(address) = account.static_ip {
-            dataplane.add_client(address, &client_settings(instance, account))?;
+        let settings = client_settings(instance, account);
+        for address in account.static_ip.into_iter().chain(session) {
+            dataplane.add_client(address, &settings)?;
         }
         Ok(())
+    }
+
+    /// Removes one client address, if it is a client.
+    ///
+    /// # Errors
+    /// Fails if the kernel refuses the update.
+    pub fn remove_client(&self, address: Ipv4Addr) -> Result<(), KernelError> {
+        match self.dataplane().remove_client(address) {
+            Ok(_) | Err(DataplaneError::ClientNotFound(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Attaches the programs to an instance's tunnel device `name` (a TUN: packets start at
+    /// the IP header) and binds it to the instance, so that packets from it are checked
+    /// against the instance's client addresses.
+    ///
+    /// # Errors
+    /// Fails if the programs cannot be attached or the instance was not applied first.
+    pub fn attach_tunnel(
+        &self,
+        name: &str,
+        ifindex: u32,
+        instance: &Instance,
+    ) -> Result<(), KernelError> {
+        let mut dataplane = self.dataplane();
+        dataplane.attach(name, Framing::L3)?;
+        if let Err(error) = dataplane.bind_tunnel(ifindex, instance.kernel_number) {
+            let _ = dataplane.detach(name);
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// Unbinds and detaches an instance's tunnel device.
+    ///
+    /// # Errors
+    /// Fails if the kernel refuses the update.
+    pub fn detach_tunnel(&self, name: &str, ifindex: u32) -> Result<(), KernelError> {
+        let mut dataplane = self.dataplane();
+        dataplane.unbind_tunnel(ifindex)?;
+        match dataplane.detach(name) {
+            Ok(()) | Err(DataplaneError::NotAttached(_)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Returns the counters of one client address.
+    ///
+    /// # Errors
+    /// Fails if the address is not a client.
+    pub fn client_counters(
+        &self,
+        address: Ipv4Addr,
+    ) -> Result<sag_common::counters::ClientCounters, KernelError> {
+        Ok(self.dataplane().client_counters(address)?)
     }
 
     /// Removes an account's static address from the kernel, if it has one.
@@ -121,8 +182,8 @@ impl KernelSync {
         Ok(())
     }
 
-    /// Makes the kernel's clients exactly the store's accounts with a static address, with
-    /// their instances' settings: at start, after an earlier run may have left the maps
+    /// Makes the kernel's clients exactly the store's accounts with a static address and the
+    /// addresses of the stored sessions, with their instances' settings: at start, after an earlier run may have left the maps
     /// otherwise (a crash between a commit and its kernel update). Counters of clients that
     /// stay are kept.
     ///
@@ -134,11 +195,11 @@ impl KernelSync {
         for instance in &instances {
             let network = admin.network(&instance.id).await?;
             self.apply_instance(instance, &network)?;
+            let sessions = admin.session_addresses(&instance.id).await?;
             for account in admin.list_accounts(&instance.id).await? {
-                if let Some(address) = account.static_ip {
-                    self.apply_account(instance, &account, None)?;
-                    expected.insert(address);
-                }
+                let session = sessions.get(&account.username).copied();
+                self.apply_account(instance, &account, None, session)?;
+                expected.extend(account.static_ip.into_iter().chain(session));
             }
         }
         let mut dataplane = self.dataplane();

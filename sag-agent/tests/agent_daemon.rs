@@ -17,16 +17,18 @@ use sag_agent::{
     admin::{Account, CreatedAccount, Instance},
     api::{CreateAccountBody, CreateInstanceBody, NetworkBody},
     api_client::ApiClient,
-    testing::netns::unique_name,
+    testing::netns::{unique_name, Netns},
 };
 use sqlx::Row as _;
 
-/// A state directory, a pin directory and a running `sag-agent run`, all removed when
-/// dropped.
+/// A state directory, a pin directory, a network namespace and a running `sag-agent run` in
+/// it, all removed when dropped. The agent brings up tunnels and a login port, so it never
+/// runs in the host's namespace.
 struct Daemon {
     directory: PathBuf,
     pin_dir: PathBuf,
     child: Option<Child>,
+    netns: Netns,
 }
 
 impl Daemon {
@@ -41,7 +43,8 @@ impl Daemon {
             pin_dir.display()
         );
         std::fs::write(directory.join("agent.toml"), config).unwrap();
-        let mut daemon = Self { directory, pin_dir, child: None };
+        let netns = Netns::new("sdm").unwrap();
+        let mut daemon = Self { directory, pin_dir, child: None, netns };
         daemon.spawn();
         daemon
     }
@@ -50,9 +53,19 @@ impl Daemon {
         self.directory.join("run/agent.sock")
     }
 
+    /// Returns a command that runs `sag-agent` in the daemon's namespace. nsenter keeps the
+    /// mounts, so the agent sees the bpffs.
+    fn command(&self) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{}", self.netns.name()));
+        command.arg(env!("CARGO_BIN_EXE_sag-agent"));
+        command
+    }
+
     /// Starts the process and waits until its socket accepts connections.
     fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_sag-agent"))
+        let child = self
+            .command()
             .args(["run", "--config"])
             .arg(self.directory.join("agent.toml"))
             .stderr(Stdio::null())
@@ -393,7 +406,8 @@ fn kernel_follows_admin_changes() {
 #[test]
 fn second_agent_refuses_a_live_socket() {
     let daemon = Daemon::start();
-    let output = Command::new(env!("CARGO_BIN_EXE_sag-agent"))
+    let output = daemon
+        .command()
         .args(["run", "--config"])
         .arg(daemon.directory.join("agent.toml"))
         .output()

@@ -12,8 +12,8 @@ use super::{table, ClientOptions};
 use crate::{
     admin::{Account, Instance, Network},
     api::{
-        AccountCreatedReply, CreateAccountBody, CreateInstanceBody, EmailReport, NetworkBody,
-        PasswordBody, PasswordReply, TrialBody, UpdateAccountBody,
+        AccountCreatedReply, CreateAccountBody, CreateInstanceBody, EmailReport, InstanceDetail,
+        NetworkBody, PasswordBody, PasswordReply, TrialBody, UpdateAccountBody,
     },
     api_client::ApiClient,
     validation,
@@ -278,14 +278,13 @@ pub fn run_instance(command: InstanceCommand) -> Result<()> {
             show_instances(options, &instances)
         }
         InstanceAction::Show { id } => {
-            let instance: Instance = call(options, Method::GET, &instance_path(&id)?, NO_BODY)?;
+            let detail: InstanceDetail = call(options, Method::GET, &instance_path(&id)?, NO_BODY)?;
             let network: Network =
                 call(options, Method::GET, &format!("{}/network", instance_path(&id)?), NO_BODY)?;
             if options.json {
-                return print_json(
-                    &serde_json::json!({ "instance": instance, "network": network }),
-                );
+                return print_json(&serde_json::json!({ "instance": detail, "network": network }));
             }
+            let instance = &detail.instance;
             table::print_fields(&[
                 ("ID", instance.id.clone()),
                 ("owner", instance.owner.clone()),
@@ -295,6 +294,23 @@ pub fn run_instance(command: InstanceCommand) -> Result<()> {
                 ("created", instance.created_at.to_rfc3339()),
                 ("expires", instance.expires_at.to_rfc3339()),
                 ("trial", instance.trial.to_string()),
+                ("login server", detail.login_server.clone()),
+                ("login fingerprint", detail.login_fingerprint.clone()),
+                (
+                    "WireGuard",
+                    detail.tunnel.as_ref().map_or_else(
+                        || "down: set CIDR blocks to bring it up".to_owned(),
+                        |tunnel| {
+                            format!(
+                                "{} on UDP {}, public key {}, {} session(s)",
+                                tunnel.interface,
+                                tunnel.listen_port,
+                                tunnel.public_key,
+                                tunnel.sessions
+                            )
+                        },
+                    ),
+                ),
             ]);
             print_network(&network);
             Ok(())

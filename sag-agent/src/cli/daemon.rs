@@ -8,8 +8,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::{
-    admin::Admin, api, clock::SystemClock, config::Config, kernel::KernelSync, notify::Mailer,
+    admin::Admin,
+    api,
+    clock::{Clock, SystemClock},
+    config::Config,
+    gateway::{Gateway, GatewaySettings},
+    kernel::KernelSync,
+    login_api,
+    notify::Mailer,
     store::Store,
+    tls,
 };
 
 #[derive(Debug, Args)]
@@ -45,33 +53,73 @@ async fn serve(config: Config) -> Result<()> {
         );
     }
     let store = Store::open_sqlite(&config.store_path()).await?;
-    let admin = Admin::new(store.clone(), Arc::new(SystemClock), config.agent.max_bandwidth_kbps);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let admin = Admin::new(store.clone(), clock.clone(), config.agent.max_bandwidth_kbps);
     let mailer = Mailer::new(&config.mail()).context("invalid [mail] configuration")?;
     let kernel = KernelSync::load(&config.agent.pin_dir).context("failed to load the dataplane")?;
     kernel
         .apply_all(&admin)
         .await
         .context("failed to bring the kernel maps in step with the store")?;
+    let kernel = Arc::new(kernel);
+    let login_host = config.login_host().unwrap_or("localhost").to_owned();
+    let settings = GatewaySettings {
+        endpoint_host: login_host.clone(),
+        first_port: config.agent.first_wireguard_port,
+        session_idle: std::time::Duration::from_secs(config.agent.session_idle_s),
+    };
+    let gateway = Arc::new(
+        Gateway::new(admin.clone(), kernel.clone(), settings, clock)
+            .context("failed to open netlink")?,
+    );
+    gateway.start().await.context("failed to bring up the instances' tunnels")?;
+    let names = vec![login_host, "localhost".to_owned(), "127.0.0.1".to_owned()];
+    let configured = config.agent.login_cert.as_deref().zip(config.agent.login_key.as_deref());
+    let identity = tls::load_or_create(state_dir, &names, configured)
+        .context("failed to load the login API's certificate")?;
+    let login_listener = tokio::net::TcpListener::bind(config.agent.login_listen)
+        .await
+        .with_context(|| format!("failed to listen for logins on {}", config.agent.login_listen))?;
     // The socket comes last, so that a start that fails leaves no dead socket behind.
     let listener = api::bind(&socket)
         .with_context(|| format!("failed to listen on the admin socket {}", socket.display()))?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let shutdown = async move {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
         info!("stopping");
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
     };
-    info!(store = %config.store_path().display(), "agent started");
+    tokio::spawn(login_api::serve(
+        login_listener,
+        identity.config,
+        gateway.clone(),
+        until_stopped(stopped.clone()),
+    ));
+    let expiry = tokio::spawn(gateway.clone().run_idle_expiry());
+    info!(
+        store = %config.store_path().display(),
+        login_fingerprint = identity.fingerprint,
+        "agent started"
+    );
     let state = api::AppState {
         admin,
-        kernel: Arc::new(kernel),
+        kernel,
         mailer: Arc::new(mailer),
         login_server: config.agent.login_server.clone(),
+        gateway: gateway.clone(),
+        login_fingerprint: identity.fingerprint,
     };
-    api::serve(listener, state, socket.clone(), shutdown).await?;
+    api::serve(listener, state, socket.clone(), until_stopped(stopped)).await?;
+    expiry.abort();
+    gateway.shutdown().await;
     store.close().await;
     let _ = std::fs::remove_file(&socket);
     info!("agent stopped");

@@ -4,6 +4,7 @@
 //! line, 3 invalid value, 4 not found, 5 conflict or refused.
 
 mod admin;
+mod client;
 mod daemon;
 mod dataplane;
 mod table;
@@ -46,6 +47,15 @@ enum Command {
     /// Inspect and drive the kernel programs directly.
     #[command(subcommand)]
     Dataplane(dataplane::DataplaneCommand),
+    /// Log in to an instance and bring the WireGuard tunnel up (for Linux clients).
+    Connect(client::ConnectArgs),
+    /// Take the tunnel of `connect` down and log out.
+    Disconnect(client::DisconnectArgs),
+    /// Log in and write a WireGuard configuration (and QR code) for the official apps.
+    ClientConfig(client::ClientConfigArgs),
+    /// The background process of `connect` (internal).
+    #[command(hide = true)]
+    TunnelProcess,
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -64,6 +74,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Network(command) => admin::run_network(command),
         Command::Account(command) => admin::run_account(command),
         Command::Dataplane(command) => dataplane::run(command),
+        Command::Connect(args) => client::connect(args),
+        Command::Disconnect(args) => client::disconnect(args),
+        Command::ClientConfig(args) => client::client_config(args),
+        Command::TunnelProcess => client::tunnel_process(),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
