@@ -287,5 +287,8 @@ mod example_tests {
         assert_eq!(config.agent.socket, defaults.socket);
         assert_eq!(config.agent.pin_dir, defaults.pin_dir);
         assert_eq!(config.agent.max_bandwidth_kbps, defaults.max_bandwidth_kbps);
+        assert_eq!(config.agent.login_listen, defaults.login_listen);
+        assert_eq!(config.agent.first_wireguard_port, defaults.first_wireguard_port);
+        assert_eq!(config.agent.session_idle_s, defaults.session_idle_s);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod baseline;
 pub mod frames;
+pub mod lab;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

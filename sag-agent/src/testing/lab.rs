@@ -1,0 +1,375 @@
+//! A whole box in network namespaces, for tunnel tests, the tunnel bench and the demo: the
+//! gateway namespace running `sag-agent run` from a real configuration file, a company network
+//! with a server, and remote users that reach the gateway over veth links.
+//!
+//! ```text
+//!  user i (203.0.113.4i+2/30) ── veth ── gateway (203.0.113.4i+1/30)
+//!                                        gateway (198.18.0.1/24) ── veth ── company (198.18.0.2)
+//! ```
+//! The login API and the WireGuard ports listen on 203.0.113.1, which every user reaches
+//! through its own link. Everything is deleted when the lab is dropped.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::netns::{run, unique_name, veth_pair, Netns};
+
+/// The company server.
+pub const COMPANY_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The company network, which the lab's instance may reach.
+pub const COMPANY_NETWORK: &str = "198.18.0.0/24";
+/// The client address block of the lab's instance.
+pub const CLIENT_BLOCK: &str = "10.77.0.0/24";
+/// The gateway address that users log in to and send WireGuard to.
+pub const GATEWAY_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// Port of the login API.
+pub const LOGIN_PORT: u16 = 8443;
+/// Time the agent has to open its admin socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A box in namespaces with a running agent.
+pub struct Lab {
+    /// `sag-agent`, as built for the test.
+    pub binary: PathBuf,
+    pub gateway: Netns,
+    pub company: Netns,
+    pub users: Vec<Netns>,
+    /// Holds the configuration, the state directory, the admin socket and the users' run
+    /// directories.
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    agent: std::sync::Mutex<Option<Child>>,
+}
+
+impl Lab {
+    /// Builds the namespaces with `users` remote users and starts the agent in the gateway.
+    ///
+    /// # Errors
+    /// Fails if a namespace, link or the agent cannot be set up.
+    pub fn start(binary: &Path, users: u8) -> Result<Self> {
+        let gateway = Netns::new("lgw")?;
+        let company = Netns::new("lco")?;
+        let inside = unique_name("lgc");
+        let server_end = unique_name("lcs");
+        veth_pair((&gateway, &inside), (&company, &server_end))?;
+        gateway.ip(&["addr", "add", "198.18.0.1/24", "dev", &inside])?;
+        gateway.ip(&["link", "set", &inside, "up"])?;
+        company.ip(&["addr", "add", &format!("{COMPANY_SERVER}/24"), "dev", &server_end])?;
+        company.ip(&["link", "set", &server_end, "up"])?;
+        company.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
+        let mut user_namespaces = Vec::new();
+        for n in 0..users {
+            let user = Netns::new("lus")?;
+            let (gateway_end, user_end) = (unique_name("lug"), unique_name("luu"));
+            veth_pair((&gateway, &gateway_end), (&user, &user_end))?;
+            let base = 4 * u32::from(n);
+            let gateway_address = Ipv4Addr::from(u32::from(GATEWAY_PUBLIC) + base);
+            let user_address = Ipv4Addr::from(u32::from(GATEWAY_PUBLIC) + base + 1);
+            gateway.ip(&["addr", "add", &format!("{gateway_address}/30"), "dev", &gateway_end])?;
+            gateway.ip(&["link", "set", &gateway_end, "up"])?;
+            user.ip(&["addr", "add", &format!("{user_address}/30"), "dev", &user_end])?;
+            user.ip(&["link", "set", &user_end, "up"])?;
+            if n > 0 {
+                user.ip(&[
+                    "route",
+                    "add",
+                    &format!("{GATEWAY_PUBLIC}/32"),
+                    "via",
+                    &gateway_address.to_string(),
+                ])?;
+            }
+            user_namespaces.push(user);
+        }
+        let dir = std::env::temp_dir().join(unique_name("sag-lab-"));
+        std::fs::create_dir_all(&dir)?;
+        let pin_dir = Path::new("/sys/fs/bpf").join(unique_name("sag-lab-"));
+        let config = format!(
+            "[agent]\nstate_dir = \"{0}/state\"\nsocket = \"{0}/agent.sock\"\npin_dir = \"{1}\"\n\
+             login_server = \"{GATEWAY_PUBLIC}:{LOGIN_PORT}\"\n\
+             login_listen = \"0.0.0.0:{LOGIN_PORT}\"\nsession_idle_s = 60\n",
+            dir.display(),
+            pin_dir.display()
+        );
+        std::fs::write(dir.join("agent.toml"), config)?;
+        let lab = Self {
+            binary: binary.to_owned(),
+            gateway,
+            company,
+            users: user_namespaces,
+            dir,
+            pin_dir,
+            agent: std::sync::Mutex::new(None),
+        };
+        lab.start_agent()?;
+        Ok(lab)
+    }
+
+    /// Starts `sag-agent run` in the gateway namespace and waits for its admin socket.
+    ///
+    /// # Errors
+    /// Fails if the agent exits or its socket does not open in time.
+    pub fn start_agent(&self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join("agent.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.gateway.name()))
+            .arg(&self.binary)
+            .args(["run", "--config"])
+            .arg(self.dir.join("agent.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("failed to start sag-agent run")?;
+        let mut agent = self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *agent = Some(child);
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            if let Some(status) = agent.as_mut().and_then(|child| child.try_wait().ok()?) {
+                bail!("the agent exited with {status}: {}", self.agent_log());
+            }
+            if start.elapsed() > START_TIMEOUT {
+                bail!("the agent did not open its socket in time: {}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&self) {
+        let taken = self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(mut child) = taken {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill has no memory preconditions; the process is this lab's agent.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Returns what the agent logged so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Returns the admin socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// Runs an admin command of `sag-agent` (with `--socket`), and returns its output,
+    /// failing on a non-zero exit.
+    ///
+    /// # Errors
+    /// Fails with the command's standard error if it exits non-zero.
+    pub fn admin(&self, args: &[&str]) -> Result<String> {
+        let socket = self.socket();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--socket", socket.to_str().context("socket path is UTF-8")?]);
+        run(self.binary.to_str().context("binary path is UTF-8")?, &full)
+    }
+
+    /// Creates an instance whose clients get addresses from [`CLIENT_BLOCK`] and may reach
+    /// [`COMPANY_NETWORK`], and returns its ID and the login fingerprint.
+    ///
+    /// # Errors
+    /// Fails if a command fails.
+    pub fn create_instance(&self) -> Result<(String, String)> {
+        let output = self.admin(&[
+            "instance",
+            "create",
+            "--owner",
+            "lab",
+            "--area",
+            "eu-central-1",
+            "--quota",
+            "5",
+            "--json",
+        ])?;
+        let created: serde_json::Value = serde_json::from_str(&output)?;
+        let id = created[0]["id"].as_str().context("instance ID in the reply")?.to_owned();
+        self.admin(&[
+            "network",
+            "set",
+            &id,
+            "--cidr-block",
+            CLIENT_BLOCK,
+            "--allow",
+            COMPANY_NETWORK,
+            "--dns-active",
+            "198.18.0.53",
+        ])?;
+        let shown: serde_json::Value =
+            serde_json::from_str(&self.admin(&["instance", "show", &id, "--json"])?)?;
+        let fingerprint = shown["instance"]["login_fingerprint"]
+            .as_str()
+            .context("fingerprint in the reply")?
+            .to_owned();
+        Ok((id, fingerprint))
+    }
+
+    /// Creates an account with a password kept in a file of the lab, and returns that file.
+    ///
+    /// # Errors
+    /// Fails if the command fails.
+    pub fn create_account(
+        &self,
+        instance: &str,
+        username: &str,
+        bandwidth_kbps: u32,
+        static_ip: Option<Ipv4Addr>,
+    ) -> Result<PathBuf> {
+        let password_file = self.dir.join(format!("{username}.password"));
+        std::fs::write(&password_file, format!("Pw_{username}_2026\n"))?;
+        let bandwidth = bandwidth_kbps.to_string();
+        let email = format!("{username}@example.com");
+        let mut args = vec![
+            "account",
+            "create",
+            instance,
+            "--username",
+            username,
+            "--email",
+            &email,
+            "--bandwidth",
+            &bandwidth,
+            "--password-file",
+        ];
+        let path = password_file.to_str().context("UTF-8 path")?.to_owned();
+        args.push(&path);
+        let address = static_ip.map(|address| address.to_string());
+        if let Some(address) = &address {
+            args.extend(["--static-ip", address]);
+        }
+        self.admin(&args)?;
+        Ok(password_file)
+    }
+
+    /// Runs `sag-agent` with `args` inside user `n`'s namespace (through nsenter, which keeps
+    /// the mounts) and returns its output, whatever its exit status.
+    ///
+    /// # Errors
+    /// Fails if the process cannot be started.
+    pub fn user_command(&self, n: usize, args: &[&str]) -> Result<Output> {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.users[n].name()))
+            .arg(&self.binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("failed to run sag-agent as a user")
+    }
+
+    /// Returns the arguments that log user `n` in as `username`, for `connect` and
+    /// `client-config`.
+    pub fn login_args(&self, fingerprint: &str, instance: &str, username: &str) -> Vec<String> {
+        vec![
+            "--server".to_owned(),
+            format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
+            "--fingerprint".to_owned(),
+            fingerprint.to_owned(),
+            "--instance".to_owned(),
+            instance.to_owned(),
+            "--username".to_owned(),
+            username.to_owned(),
+            "--password-file".to_owned(),
+            self.dir.join(format!("{username}.password")).display().to_string(),
+        ]
+    }
+
+    /// Returns the run directory of user `n`'s `connect`.
+    pub fn run_dir(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("user{n}"))
+    }
+
+    /// Connects user `n` with `sag-agent connect` and returns its output line.
+    ///
+    /// # Errors
+    /// Fails with the command's error output if it does not connect.
+    pub fn connect(
+        &self,
+        n: usize,
+        fingerprint: &str,
+        instance: &str,
+        username: &str,
+    ) -> Result<String> {
+        let run_dir = self.run_dir(n).display().to_string();
+        let resolv = self.dir.join(format!("user{n}.resolv.conf"));
+        if !resolv.exists() {
+            std::fs::write(&resolv, "nameserver 192.0.2.53\n")?;
+        }
+        let resolv = resolv.display().to_string();
+        let mut args = vec!["connect".to_owned()];
+        args.extend(self.login_args(fingerprint, instance, username));
+        args.extend(["--run-dir".to_owned(), run_dir, "--resolv-conf".to_owned(), resolv]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = self.user_command(n, &args)?;
+        if !output.status.success() {
+            bail!("connect failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// Disconnects user `n`.
+    ///
+    /// # Errors
+    /// Fails with the command's error output.
+    pub fn disconnect(&self, n: usize) -> Result<String> {
+        let run_dir = self.run_dir(n).display().to_string();
+        let output = self.user_command(n, &["disconnect", "--run-dir", &run_dir])?;
+        if !output.status.success() {
+            bail!("disconnect failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Tunnel processes of `connect` that a failed test left behind.
+        for n in 0..self.users.len() {
+            let _ = self.disconnect(n);
+        }
+        self.stop_agent();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Packets and bytes an interface sent and received, from `ip -s -j link`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// Reads the statistics of `interface` in `netns`.
+///
+/// # Errors
+/// Fails if `ip` fails or prints something else than expected.
+pub fn link_stats(netns: &Netns, interface: &str) -> Result<LinkStats> {
+    let output = netns.ip(&["-s", "-j", "link", "show", "dev", interface])?;
+    let value: serde_json::Value = serde_json::from_str(&output)?;
+    let stats = &value[0]["stats64"];
+    let field = |direction: &str, name: &str| {
+        stats[direction][name].as_u64().with_context(|| format!("{direction}.{name} in {output}"))
+    };
+    Ok(LinkStats {
+        rx_packets: field("rx", "packets")?,
+        rx_bytes: field("rx", "bytes")?,
+        tx_packets: field("tx", "packets")?,
+        tx_bytes: field("tx", "bytes")?,
+    })
+}

@@ -1,0 +1,516 @@
+//! End to end through real WireGuard tunnels: `sag-agent run` in a gateway namespace, users
+//! that log in with `sag-agent connect` or with wireguard-go (Debian's, the independent client)
+//! from a configuration that `sag-agent client-config` exported, and a company server behind
+//! the box. Needs root.
+
+use std::{
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use sag_agent::{
+    dataplane::PinnedCounters,
+    testing::{
+        lab::{link_stats, Lab, LinkStats, COMPANY_SERVER},
+        netns::{unique_name, Netns},
+    },
+};
+use sag_common::counters::ClientCounters;
+use serde_json::Value;
+
+/// Held by every test that measures a rate, so that parallel tests do not share the CPUs.
+static MEASURING: Mutex<()> = Mutex::new(());
+
+fn measuring() -> MutexGuard<'static, ()> {
+    MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lab(users: u8) -> Lab {
+    Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), users).expect("lab starts (as root)")
+}
+
+/// Returns the kernel counters of `address`, or `None` if it is no client.
+fn counters(lab: &Lab, address: Ipv4Addr) -> Option<ClientCounters> {
+    PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().get(&address).copied()
+}
+
+/// Returns the address in a "Connected to intranet as ADDRESS (...)" line.
+fn connected_address(line: &str) -> Ipv4Addr {
+    let rest = line.strip_prefix("Connected to intranet as ").unwrap_or_else(|| panic!("{line}"));
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// Pings the company server from `netns` `count` times with `size` bytes of payload and
+/// returns the number of replies.
+fn ping(netns: &Netns, count: u32, size: u32) -> u32 {
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", "0.2", "-W", "2"])
+        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let summary = text.lines().find(|line| line.contains("received")).unwrap_or_else(|| {
+        panic!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr))
+    });
+    summary.split(", ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+}
+
+/// A process this test started, killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a bounded iperf3 TCP test from `client` to the company server for `seconds` and
+/// returns the goodput the server received, in kbit/s.
+fn tcp_goodput(lab: &Lab, client: &Netns, seconds: u32) -> f64 {
+    let port = 5300 + (std::process::id() % 500) as u16;
+    let server = Process(
+        Command::new("ip")
+            .args(["netns", "exec", lab.company.name(), "iperf3", "--server", "--one-off"])
+            .args(["--port", &port.to_string(), "--bind", &COMPANY_SERVER.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let output = client
+        .exec(&[
+            "timeout",
+            "60",
+            "iperf3",
+            "--client",
+            &COMPANY_SERVER.to_string(),
+            "--port",
+            &port.to_string(),
+            "--time",
+            &seconds.to_string(),
+            "--omit",
+            "1",
+            "--json",
+        ])
+        .unwrap();
+    drop(server);
+    let report: Value = serde_json::from_str(&output).unwrap();
+    report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1_000.0
+}
+
+fn assert_goodput(name: &str, goodput: f64, rate: u32) {
+    let ratio = goodput / f64::from(rate);
+    eprintln!("{name}: TCP goodput {goodput:.1} kbit/s at {rate} (ratio {ratio:.3})");
+    assert!((0.85..=1.05).contains(&ratio), "{name}: goodput {goodput:.1} at {rate} kbit/s");
+}
+
+/// Checks that the gateway's counters of `address` account for exactly what the client's
+/// tunnel interface sent and received between two snapshots: every packet the client sent
+/// was passed or dropped by reason, and every packet passed toward the client arrived.
+fn assert_counters_match(before: (ClientCounters, LinkStats), after: (ClientCounters, LinkStats)) {
+    let (gateway, client) = (after.0, after.1);
+    let (gateway_before, client_before) = (before.0, before.1);
+    let dropped = |c: &ClientCounters| {
+        let d = &c.rx_dropped;
+        (
+            d.rate_limit.packets + d.blocked.packets + d.not_allowed.packets,
+            d.rate_limit.bytes + d.blocked.bytes + d.not_allowed.bytes,
+        )
+    };
+    let (dropped_packets, dropped_bytes) = dropped(&gateway);
+    let (dropped_before_packets, dropped_before_bytes) = dropped(&gateway_before);
+    assert_eq!(
+        gateway.rx_packets - gateway_before.rx_packets + dropped_packets - dropped_before_packets,
+        client.tx_packets - client_before.tx_packets,
+        "every packet the client sent is counted once: {gateway:?} vs {client:?}"
+    );
+    assert_eq!(
+        gateway.rx_bytes - gateway_before.rx_bytes + dropped_bytes - dropped_before_bytes,
+        client.tx_bytes - client_before.tx_bytes,
+        "rx bytes"
+    );
+    assert_eq!(
+        gateway.tx_packets - gateway_before.tx_packets,
+        client.rx_packets - client_before.rx_packets,
+        "every packet passed toward the client arrived: {gateway:?} vs {client:?}"
+    );
+    assert_eq!(
+        gateway.tx_bytes - gateway_before.tx_bytes,
+        client.rx_bytes - client_before.rx_bytes
+    );
+}
+
+/// Lets packets in flight land before counters are compared.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// wireguard-go running in a user's namespace, killed when dropped.
+struct WireguardGo {
+    name: String,
+    process: Process,
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+        // Killed, it leaves its UAPI socket behind.
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.name));
+    }
+}
+
+impl WireguardGo {
+    /// Starts wireguard-go in `netns` and configures it from a wg-quick file as wg-quick
+    /// would: the WireGuard part through `wg setconf`, address, MTU and routes through `ip`.
+    fn start(netns: &Netns, config: &Path) -> Self {
+        let name = unique_name("lwg");
+        let process = Process(
+            Command::new("ip")
+                .args(["netns", "exec", netns.name(), "wireguard-go", "-f", &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let socket = format!("/var/run/wireguard/{name}.sock");
+        let start = Instant::now();
+        while !Path::new(&socket).exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "wireguard-go did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(config).unwrap();
+        let named = config.with_file_name(format!("{name}.conf"));
+        std::fs::copy(config, &named).unwrap();
+        let stripped =
+            sag_agent::testing::netns::run("wg-quick", &["strip", named.to_str().unwrap()])
+                .unwrap();
+        let stripped_path = config.with_file_name(format!("{name}.stripped"));
+        std::fs::write(&stripped_path, stripped).unwrap();
+        netns.exec(&["wg", "setconf", &name, stripped_path.to_str().unwrap()]).unwrap();
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(&format!("{key} = ")))
+                .unwrap_or_else(|| panic!("{key} in {text}"))
+                .to_owned()
+        };
+        netns.ip(&["addr", "add", &value("Address"), "dev", &name]).unwrap();
+        netns.ip(&["link", "set", &name, "mtu", &value("MTU"), "up"]).unwrap();
+        for route in value("AllowedIPs").split(", ") {
+            netns.ip(&["route", "add", route, "dev", &name]).unwrap();
+        }
+        Self { name, process }
+    }
+}
+
+#[test]
+fn wireguard_go_with_an_exported_configuration() {
+    let lab = lab(1);
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "wgo-user1", 512, None).unwrap();
+    let out = lab.dir.join("exported.conf");
+    let mut args = vec!["client-config".to_owned()];
+    args.extend(lab.login_args(&fingerprint, &instance, "wgo-user1"));
+    args.extend(["--out".to_owned(), out.display().to_string(), "--qr".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = lab.user_command(0, &args).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.starts_with(&format!("Wrote {}", out.display())), "{stdout}");
+    for file in [out.clone(), out.with_extension("png")] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} holds the private key", file.display());
+    }
+    let png = std::fs::read(out.with_extension("png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let config = std::fs::read_to_string(&out).unwrap();
+    assert!(config.contains("AllowedIPs = 198.18.0.0/24\n"), "{config}");
+    assert!(config.contains("Endpoint = 203.0.113.1:51820\n"), "{config}");
+    assert!(config.contains("DNS = 198.18.0.53\n"), "{config}");
+    let address: Ipv4Addr = config
+        .lines()
+        .find_map(|line| line.strip_prefix("Address = "))
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap();
+
+    let user = &lab.users[0];
+    let wireguard = WireguardGo::start(user, &out);
+    let snapshot =
+        || (counters(&lab, address).unwrap(), link_stats(user, &wireguard.name).unwrap());
+    let before = snapshot();
+    assert_eq!(ping(user, 5, 100), 5, "ping through the tunnel");
+    settle();
+    let after = snapshot();
+    let counted = after.0;
+    assert_eq!((counted.rx_packets, counted.rx_bytes), (5, 5 * 128), "5 echo requests of 128 B");
+    assert_eq!((counted.tx_packets, counted.tx_bytes), (5, 5 * 128), "5 echo replies of 128 B");
+    assert_counters_match(before, after);
+
+    let _measuring = measuring();
+    let before = snapshot();
+    let goodput = tcp_goodput(&lab, user, 8);
+    settle();
+    let after = snapshot();
+    assert_goodput("wireguard-go at 512 kbit/s", goodput, 512);
+    assert_counters_match(before, after);
+    assert!(after.0.rx_dropped.rate_limit.packets > 0, "the limit dropped packets: {:?}", after.0);
+    drop(_measuring);
+
+    // An exported configuration outlives an agent restart: the session is stored, and the
+    // counters are pinned.
+    drop(wireguard);
+    lab.stop_agent();
+    lab.start_agent().unwrap();
+    let wireguard = WireguardGo::start(user, &out);
+    let before = counters(&lab, address).unwrap();
+    assert_eq!(before, after.0, "the counters survive the restart");
+    assert_eq!(ping(user, 3, 100), 3, "ping after the restart, without logging in again");
+    settle();
+    let counted = counters(&lab, address).unwrap();
+    assert_eq!(counted.rx_packets - before.rx_packets, 3);
+    assert_eq!(counted.tx_bytes - before.tx_bytes, 3 * 128);
+    drop(wireguard);
+}
+
+#[test]
+fn connect_two_users_change_bandwidth_disable_and_reconnect() {
+    let lab = lab(2);
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "alice-dyn", 512, None).unwrap();
+    let static_ip = Ipv4Addr::new(10, 77, 0, 200);
+    lab.create_account(&instance, "bob-static", 2_000, Some(static_ip)).unwrap();
+
+    let line = lab.connect(0, &fingerprint, &instance, "alice-dyn").unwrap();
+    let alice = connected_address(&line);
+    assert_eq!(
+        line,
+        format!("Connected to intranet as {alice} (instance {instance}, via 203.0.113.1:51820)")
+    );
+    let resolv = lab.dir.join("user0.resolv.conf");
+    let applied = std::fs::read_to_string(&resolv).unwrap();
+    assert!(applied.ends_with("nameserver 198.18.0.53\n"), "{applied}");
+    let bob = connected_address(&lab.connect(1, &fingerprint, &instance, "bob-static").unwrap());
+    assert_eq!(bob, static_ip);
+    assert_ne!(alice, bob);
+
+    // Both at once, each counted under its own address.
+    let (alice_replies, bob_replies) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| ping(&lab.users[0], 4, 100));
+        let second = scope.spawn(|| ping(&lab.users[1], 6, 200));
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    assert_eq!((alice_replies, bob_replies), (4, 6));
+    settle();
+    let counted = counters(&lab, alice).unwrap();
+    assert_eq!((counted.rx_packets, counted.rx_bytes, counted.tx_bytes), (4, 4 * 128, 4 * 128));
+    let counted = counters(&lab, bob).unwrap();
+    assert_eq!((counted.rx_packets, counted.rx_bytes, counted.tx_bytes), (6, 6 * 228, 6 * 228));
+
+    {
+        let _measuring = measuring();
+        let user = &lab.users[0];
+        let snapshot = || (counters(&lab, alice).unwrap(), link_stats(user, "sag0").unwrap());
+        let before = snapshot();
+        let goodput = tcp_goodput(&lab, user, 8);
+        settle();
+        assert_goodput("sag connect at 512 kbit/s", goodput, 512);
+        assert_counters_match(before, snapshot());
+        // A new bandwidth holds from now on, on the same session.
+        lab.admin(&["account", "set", &instance, "alice-dyn", "--bandwidth", "1000"]).unwrap();
+        let goodput = tcp_goodput(&lab, user, 8);
+        assert_goodput("sag connect after the change to 1,000 kbit/s", goodput, 1_000);
+    }
+
+    // Disabling cuts the user off within a second.
+    let pinger = Command::new("ip")
+        .args(["netns", "exec", lab.users[1].name(), "ping", "-n", "-D", "-i", "0.05"])
+        .args(["-c", "80", "-W", "1", &COMPANY_SERVER.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let disabled_at = std::time::SystemTime::now();
+    lab.admin(&["account", "disable", &instance, "bob-static"]).unwrap();
+    let output = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let replies: Vec<f64> = text
+        .lines()
+        .filter(|line| line.contains("bytes from"))
+        .map(|line| line[1..line.find(']').unwrap()].parse().unwrap())
+        .collect();
+    let disabled_at = disabled_at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let last = replies.last().copied().unwrap();
+    assert!(replies.len() > 10, "replies before the disable: {text}");
+    assert!(last - disabled_at < 1.0, "a reply came {:.3} s after disabling", last - disabled_at);
+    let output = lab
+        .user_command(
+            1,
+            &{
+                let mut args = vec!["connect".to_owned()];
+                args.extend(lab.login_args(&fingerprint, &instance, "bob-static"));
+                args.extend([
+                    "--run-dir".to_owned(),
+                    lab.dir.join("refused").display().to_string(),
+                ]);
+                args.push("--no-dns".to_owned());
+                args
+            }
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("account bob-static of instance {instance} is disabled")),
+        "{stderr}"
+    );
+
+    // A dynamic account gets another address on reconnecting; a static one keeps its own.
+    assert_eq!(lab.disconnect(0).unwrap(), format!("Disconnected from intranet ({alice} on sag0)"));
+    assert_eq!(std::fs::read_to_string(&resolv).unwrap(), "nameserver 192.0.2.53\n");
+    assert_eq!(counters(&lab, alice), None, "a logged-out dynamic address is no client");
+    let again = connected_address(&lab.connect(0, &fingerprint, &instance, "alice-dyn").unwrap());
+    assert_ne!(again, alice);
+    assert_eq!(ping(&lab.users[0], 2, 100), 2);
+    lab.admin(&["account", "enable", &instance, "bob-static"]).unwrap();
+    lab.disconnect(1).unwrap();
+    assert_eq!(
+        connected_address(&lab.connect(1, &fingerprint, &instance, "bob-static").unwrap()),
+        bob
+    );
+    assert_eq!(ping(&lab.users[1], 2, 100), 2);
+}
+
+/// Runs `connect` for `username` with `password` and returns its exit status and error output.
+fn try_login(
+    lab: &Lab,
+    instance: &str,
+    fingerprint: &str,
+    username: &str,
+    password: &str,
+) -> (bool, String) {
+    let file = lab.dir.join(unique_name("pw"));
+    std::fs::write(&file, password).unwrap();
+    let run_dir = lab.dir.join(unique_name("run")).display().to_string();
+    let server = format!(
+        "{}:{}",
+        sag_agent::testing::lab::GATEWAY_PUBLIC,
+        sag_agent::testing::lab::LOGIN_PORT
+    );
+    let output = lab
+        .user_command(
+            0,
+            &[
+                "connect",
+                "--server",
+                &server,
+                "--fingerprint",
+                fingerprint,
+                "--instance",
+                instance,
+                "--username",
+                username,
+                "--password-file",
+                file.to_str().unwrap(),
+                "--run-dir",
+                &run_dir,
+                "--no-dns",
+            ],
+        )
+        .unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn refused_logins_allocate_nothing_and_are_throttled() {
+    let lab = lab(1);
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "carol-one", 512, None).unwrap();
+    lab.create_account(&instance, "dave-two1", 512, None).unwrap();
+    lab.admin(&["account", "disable", &instance, "dave-two1"]).unwrap();
+    let good = "Pw_carol-one_2026";
+
+    let (ok, stderr) = try_login(&lab, &instance, &fingerprint, "carol-one", "Wrong_pass1");
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("wrong username or password for instance {instance}")),
+        "{stderr}"
+    );
+    let (ok, stderr) = try_login(&lab, &instance, &fingerprint, "nobody-here", good);
+    assert!(!ok);
+    assert!(stderr.contains("wrong username or password"), "unknown users look the same: {stderr}");
+    let (ok, stderr) = try_login(&lab, "sag-0000000000000000", &fingerprint, "carol-one", good);
+    assert!(!ok);
+    assert!(stderr.contains("instance sag-0000000000000000 not found"), "{stderr}");
+    let (ok, stderr) = try_login(&lab, &instance, &fingerprint, "dave-two1", "Pw_dave-two1_2026");
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("account dave-two1 of instance {instance} is disabled")),
+        "{stderr}"
+    );
+    let wrong_pin = format!("sha256:{}", "00".repeat(32));
+    let (ok, stderr) = try_login(&lab, &instance, &wrong_pin, "carol-one", good);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("expected {wrong_pin}, server presented {fingerprint}")),
+        "{stderr}"
+    );
+    assert!(
+        PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().is_empty(),
+        "refused logins put no client in the kernel"
+    );
+    let shown: Value =
+        serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(shown["instance"]["tunnel"]["sessions"], 0);
+
+    // The source address has 3 failures (wrong password, unknown user, unknown instance);
+    // at 5, even the right password waits.
+    for password in ["Wrong_pass2", "Wrong_pass3"] {
+        let (ok, stderr) = try_login(&lab, &instance, &fingerprint, "carol-one", password);
+        assert!(!ok);
+        assert!(stderr.contains("wrong username or password"), "{stderr}");
+    }
+    let (ok, stderr) = try_login(&lab, &instance, &fingerprint, "carol-one", good);
+    assert!(!ok);
+    assert!(stderr.contains("too many failed logins; try again in "), "{stderr}");
+}
+
+#[test]
+fn idle_session_ends_and_releases_its_address() {
+    let lab = lab(1);
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "erin-idle", 512, None).unwrap();
+    let address = connected_address(&lab.connect(0, &fingerprint, &instance, "erin-idle").unwrap());
+    assert_eq!(ping(&lab.users[0], 1, 100), 1);
+    assert!(counters(&lab, address).is_some());
+    // The user's machine dies: its tunnel process ends without logging out.
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.run_dir(0).join("sag0.json")).unwrap())
+            .unwrap();
+    let pid = libc::pid_t::try_from(state["pid"].as_u64().unwrap()).unwrap();
+    // SAFETY: kill has no memory preconditions; the process is the tunnel process this test
+    // started through `connect`.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // The lab's idle time is 60 s; the agent looks every 10 s.
+    let start = Instant::now();
+    while counters(&lab, address).is_some() {
+        assert!(start.elapsed() < Duration::from_secs(90), "the session did not end when idle");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(start.elapsed() >= Duration::from_secs(50), "ended after {:?}", start.elapsed());
+    assert!(lab.agent_log().contains("reason=\"idle\""), "{}", lab.agent_log());
+    let shown: Value =
+        serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(shown["instance"]["tunnel"]["sessions"], 0);
+}
