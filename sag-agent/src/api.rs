@@ -299,6 +299,7 @@ pub fn router(state: AppState) -> Router {
             get(show_account).patch(update_account).delete(delete_account),
         )
         .route("/instances/{id}/accounts/{username}/password", post(reset_password))
+        .route("/instances/{id}/monitor", get(monitor))
         .fallback(unknown_route)
         .method_not_allowed_fallback(unknown_route)
         .with_state(state)
@@ -390,8 +391,9 @@ async fn set_network(
     };
     let network = admin.set_network(&id, &change).await?;
     let instance = admin.instance(&id).await?;
-    state.kernel.apply_instance(&instance, &network)?;
+    // The tunnel first: it ends sessions whose address left the blocks.
     state.gateway.sync_instance(&instance, &network).await?;
+    state.kernel.apply_instance(&instance, &network)?;
     Ok(Json(network))
 }
 
@@ -483,6 +485,26 @@ async fn reset_password(
         .send_credentials(&account.email, CredentialsReason::Reset, &id, &username, &password)
         .await;
     Ok(Json(PasswordReply { password, email }))
+}
+
+/// Query of `GET /instances/{id}/monitor`: an account (or the whole instance) and a range of
+/// Unix seconds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MonitorQuery {
+    pub account: Option<String>,
+    pub from: i64,
+    pub to: i64,
+}
+
+async fn monitor(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    axum::extract::Query(query): axum::extract::Query<MonitorQuery>,
+) -> ApiResult<crate::history::MonitorReply> {
+    let reply =
+        crate::history::monitor(&state.admin, &id, query.account.as_deref(), query.from, query.to)
+            .await?;
+    Ok(Json(reply))
 }
 
 /// Binds the admin socket at `path`: its directory is created with mode 0700 and the socket

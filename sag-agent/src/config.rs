@@ -52,6 +52,9 @@ pub struct AgentConfig {
     /// pair in the state directory on first start.
     pub login_cert: Option<PathBuf>,
     pub login_key: Option<PathBuf>,
+    /// Address of the Prometheus endpoint, `GET /metrics`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
     /// First UDP port of the instances' WireGuard devices.
     #[serde(default = "default_first_wireguard_port")]
     pub first_wireguard_port: u16,
@@ -70,6 +73,7 @@ impl Default for AgentConfig {
             max_bandwidth_kbps: default_max_bandwidth(),
             login_server: default_login_server(),
             login_listen: default_login_listen(),
+            metrics_listen: default_metrics_listen(),
             login_cert: None,
             login_key: None,
             first_wireguard_port: default_first_wireguard_port(),
@@ -102,6 +106,13 @@ fn default_login_server() -> String {
 
 fn default_login_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_LOGIN_PORT))
+}
+
+/// Default port of the Prometheus endpoint.
+pub const DEFAULT_METRICS_PORT: u16 = 9108;
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))
 }
 
 fn default_first_wireguard_port() -> u16 {
@@ -288,6 +299,7 @@ mod example_tests {
         assert_eq!(config.agent.pin_dir, defaults.pin_dir);
         assert_eq!(config.agent.max_bandwidth_kbps, defaults.max_bandwidth_kbps);
         assert_eq!(config.agent.login_listen, defaults.login_listen);
+        assert_eq!(config.agent.metrics_listen, defaults.metrics_listen);
         assert_eq!(config.agent.first_wireguard_port, defaults.first_wireguard_port);
         assert_eq!(config.agent.session_idle_s, defaults.session_idle_s);
     }

@@ -194,6 +194,16 @@ pub struct TunnelInfo {
     pub sessions: usize,
 }
 
+/// A session and how long ago its peer last shook hands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionHandshake {
+    pub instance_id: String,
+    pub username: String,
+    pub address: Ipv4Addr,
+    /// Time since the last handshake, `None` before the first.
+    pub since_handshake: Option<Duration>,
+}
+
 /// A session, as stored.
 #[derive(Debug, Clone)]
 struct Session {
@@ -349,6 +359,25 @@ impl Gateway {
             self.netlink.delete_route(*stale, tunnel.ifindex).await?;
         }
         tunnel.routes = network.cidr_blocks.clone();
+
+        // A session whose address left the blocks has no route any more: end it, so that the
+        // client logs in again and gets an address of the new blocks.
+        let outside: Vec<(String, PublicKey, Ipv4Addr)> = tunnel
+            .peers
+            .iter()
+            .filter(|(_, (_, address))| !network.cidr_blocks.iter().any(|b| b.contains(address)))
+            .map(|(username, (key, address))| (username.clone(), *key, *address))
+            .collect();
+        for (username, key, address) in outside {
+            sqlx::query("DELETE FROM sessions WHERE instance_id = $1 AND username = $2")
+                .bind(&instance.id)
+                .bind(&username)
+                .execute(self.admin.store().pool())
+                .await?;
+            tunnel.peers.remove(&username);
+            self.drop_peer(tunnel, &key, address, None).await;
+            info!(instance = instance.id, username, ip = %address, "session ended: address outside the new blocks");
+        }
         Ok(())
     }
 
@@ -620,14 +649,26 @@ impl Gateway {
         if let Some((key, old_address)) = tunnel.peers.remove(&account.username) {
             self.drop_peer(tunnel, &key, old_address, account.static_ip).await;
         }
-        self.kernel.apply_account(&instance, &account, None, Some(address))?;
         let peer =
             Peer::new(public_key).with_allowed_ip(ipnetwork::IpNetwork::from(IpAddr::V4(address)));
-        tunnel
-            .device
-            .add_or_update_peer(peer)
-            .await
-            .map_err(|error| LoginError::Internal(format!("adding the peer failed: {error}")))?;
+        let applied =
+            match self.kernel.apply_account(&instance, &account, None, Some(address)) {
+                Ok(()) => tunnel.device.add_or_update_peer(peer).await.map_err(|error| {
+                    LoginError::Internal(format!("adding the peer failed: {error}"))
+                }),
+                Err(error) => Err(error.into()),
+            };
+        if let Err(error) = applied {
+            // Undo the stored session, so that a failed login leaves no address taken.
+            warn!(instance = instance.id, username = account.username, error = %error, "login failed after the session was stored");
+            let _ = sqlx::query("DELETE FROM sessions WHERE instance_id = $1 AND username = $2")
+                .bind(&instance.id)
+                .bind(&account.username)
+                .execute(self.admin.store().pool())
+                .await;
+            self.drop_peer(tunnel, &public_key, address, account.static_ip).await;
+            return Err(error);
+        }
         tunnel.peers.insert(account.username.clone(), (public_key, address));
         info!(
             instance = instance.id,
@@ -807,6 +848,41 @@ impl Gateway {
                 warn!(error = %error, "idle session scan failed");
             }
         }
+    }
+
+    /// Returns every session with the time since its peer's last handshake (`None` before the
+    /// first), sorted by instance and username.
+    pub async fn session_handshakes(&self) -> Vec<SessionHandshake> {
+        let tunnels = self.tunnels.lock().await;
+        let mut sessions = Vec::new();
+        for (instance_id, tunnel) in tunnels.iter() {
+            let handshakes: HashMap<[u8; 32], Option<Duration>> = tunnel
+                .device
+                .peers()
+                .await
+                .into_iter()
+                .map(|stats| (*stats.peer.public_key.as_bytes(), stats.stats.last_handshake))
+                .collect();
+            for (username, (key, address)) in &tunnel.peers {
+                sessions.push(SessionHandshake {
+                    instance_id: instance_id.clone(),
+                    username: username.clone(),
+                    address: *address,
+                    since_handshake: handshakes.get(key.as_bytes()).copied().flatten(),
+                });
+            }
+        }
+        sessions.sort_by(|a, b| (&a.instance_id, &a.username).cmp(&(&b.instance_id, &b.username)));
+        sessions
+    }
+
+    /// Returns the tunnel interface index of each instance whose tunnel is up.
+    pub async fn tunnel_ifindexes(&self) -> Vec<(String, u32)> {
+        let tunnels = self.tunnels.lock().await;
+        let mut indexes: Vec<(String, u32)> =
+            tunnels.iter().map(|(id, tunnel)| (id.clone(), tunnel.ifindex)).collect();
+        indexes.sort();
+        indexes
     }
 
     /// Returns the address of an account's session, if it has one.

@@ -1,14 +1,14 @@
 //! Kernel maps kept in step with the store: instance settings, the tunnels of the instances,
 //! and the clients: accounts with a static address, and the address of every session.
 
-use std::{net::Ipv4Addr, path::Path, sync::Mutex};
+use std::{collections::HashMap, net::Ipv4Addr, path::Path, sync::Mutex};
 
-use sag_common::{packet::Framing, policy::RateLimit};
+use sag_common::{counters::ClientCounters, packet::Framing, policy::RateLimit};
 use tracing::info;
 
 use crate::{
     admin::{Account, Admin, AdminError, Instance, Network, STATE_RUNNING},
-    dataplane::{ClientSettings, Dataplane, DataplaneError, InstanceSettings},
+    dataplane::{ClientSettings, Dataplane, DataplaneError, InstanceSettings, InterfaceCounter},
 };
 
 /// Errors of bringing the kernel in step.
@@ -23,6 +23,27 @@ pub enum KernelError {
 /// The daemon's dataplane, behind a lock: map updates take microseconds.
 pub struct KernelSync {
     dataplane: Mutex<Dataplane>,
+    /// The account of each client address, and the final counters of addresses that were
+    /// removed, per account, so that an account's totals never go back within a run.
+    owners: Mutex<Owners>,
+}
+
+/// An account: instance ID and username.
+pub type AccountKey = (String, String);
+
+#[derive(Default)]
+struct Owners {
+    by_address: HashMap<Ipv4Addr, AccountKey>,
+    retired: HashMap<AccountKey, ClientCounters>,
+}
+
+/// The traffic of one account since the agent started: the counters of its current addresses,
+/// plus the final counters of addresses it had before in this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountUsage {
+    pub instance_id: String,
+    pub username: String,
+    pub counters: ClientCounters,
 }
 
 /// Returns the kernel settings of an account of `instance`: its instance number, blocked
@@ -53,7 +74,75 @@ impl KernelSync {
     /// # Errors
     /// Fails if the programs cannot be loaded.
     pub fn load(pin_dir: &Path) -> Result<Self, KernelError> {
-        Ok(Self { dataplane: Mutex::new(Dataplane::load(Some(pin_dir))?) })
+        Ok(Self {
+            dataplane: Mutex::new(Dataplane::load(Some(pin_dir))?),
+            owners: Mutex::new(Owners::default()),
+        })
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, Owners> {
+        self.owners.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes `address` from the dataplane and keeps its final counters with its account.
+    fn remove_and_retire(
+        &self,
+        dataplane: &mut Dataplane,
+        address: Ipv4Addr,
+    ) -> Result<(), DataplaneError> {
+        let last = match dataplane.remove_client(address) {
+            Ok(last) => last,
+            Err(DataplaneError::ClientNotFound(_)) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        let mut owners = self.owners();
+        if let Some(owner) = owners.by_address.remove(&address) {
+            owners.retired.entry(owner).or_default().merge(&last);
+        }
+        Ok(())
+    }
+
+    /// Returns the traffic of every account that had an address in this run, sorted by
+    /// instance and username.
+    ///
+    /// # Errors
+    /// Fails if the counters cannot be read.
+    pub fn account_usage(&self) -> Result<Vec<AccountUsage>, KernelError> {
+        let live = self.dataplane().clients()?;
+        let owners = self.owners();
+        let mut usage: std::collections::BTreeMap<AccountKey, ClientCounters> =
+            owners.retired.iter().map(|(key, counters)| (key.clone(), *counters)).collect();
+        for (address, counters) in &live {
+            if let Some(owner) = owners.by_address.get(address) {
+                usage.entry(owner.clone()).or_default().merge(counters);
+            }
+        }
+        Ok(usage
+            .into_iter()
+            .map(|((instance_id, username), counters)| AccountUsage {
+                instance_id,
+                username,
+                counters,
+            })
+            .collect())
+    }
+
+    /// Returns the per-interface counters (traffic of no client, and spoofed packets).
+    ///
+    /// # Errors
+    /// Fails if the map cannot be read.
+    pub fn interface_counters(&self) -> Result<Vec<InterfaceCounter>, KernelError> {
+        Ok(self.dataplane().interface_counters()?)
+    }
+
+    /// Returns the number of client records and the capacity of the clients map.
+    pub fn client_fill(&self) -> (usize, usize) {
+        (self.dataplane().client_addresses().len(), sag_common::MAX_CLIENTS as usize)
+    }
+
+    /// Returns the number of interfaces the programs are attached to.
+    pub fn attached_interfaces(&self) -> usize {
+        self.dataplane().attached().len()
     }
 
     fn dataplane(&self) -> std::sync::MutexGuard<'_, Dataplane> {
@@ -80,6 +169,9 @@ impl KernelSync {
     /// Fails if the kernel refuses an update.
     pub fn remove_instance(&self, instance: &Instance) -> Result<(), KernelError> {
         self.dataplane().remove_instance(instance.kernel_number)?;
+        let mut owners = self.owners();
+        owners.by_address.retain(|_, (instance_id, _)| *instance_id != instance.id);
+        owners.retired.retain(|(instance_id, _), _| *instance_id != instance.id);
         Ok(())
     }
 
@@ -100,14 +192,13 @@ impl KernelSync {
         if let Some(old) =
             previous.filter(|old| Some(*old) != account.static_ip && Some(*old) != session)
         {
-            match dataplane.remove_client(old) {
-                Ok(_) | Err(DataplaneError::ClientNotFound(_)) => {}
-                Err(error) => return Err(error.into()),
-            }
+            self.remove_and_retire(&mut dataplane, old)?;
         }
         let settings = client_settings(instance, account);
+        let owner = (instance.id.clone(), account.username.clone());
         for address in account.static_ip.into_iter().chain(session) {
             dataplane.add_client(address, &settings)?;
+            self.owners().by_address.insert(address, owner.clone());
         }
         Ok(())
     }
@@ -117,10 +208,7 @@ impl KernelSync {
     /// # Errors
     /// Fails if the kernel refuses the update.
     pub fn remove_client(&self, address: Ipv4Addr) -> Result<(), KernelError> {
-        match self.dataplane().remove_client(address) {
-            Ok(_) | Err(DataplaneError::ClientNotFound(_)) => Ok(()),
-            Err(error) => Err(error.into()),
-        }
+        Ok(self.remove_and_retire(&mut self.dataplane(), address)?)
     }
 
     /// Attaches the programs to an instance's tunnel device `name` (a TUN: packets start at
@@ -174,18 +262,17 @@ impl KernelSync {
     /// Fails if the kernel refuses the update.
     pub fn remove_account(&self, account: &Account) -> Result<(), KernelError> {
         if let Some(address) = account.static_ip {
-            match self.dataplane().remove_client(address) {
-                Ok(_) | Err(DataplaneError::ClientNotFound(_)) => {}
-                Err(error) => return Err(error.into()),
-            }
+            self.remove_and_retire(&mut self.dataplane(), address)?;
         }
+        let key = (account.instance_id.clone(), account.username.clone());
+        self.owners().retired.remove(&key);
         Ok(())
     }
 
-    /// Makes the kernel's clients exactly the store's accounts with a static address and the
-    /// addresses of the stored sessions, with their instances' settings: at start, after an earlier run may have left the maps
-    /// otherwise (a crash between a commit and its kernel update). Counters of clients that
-    /// stay are kept.
+    /// Makes the kernel's clients exactly the store's static addresses and the addresses of the
+    /// stored sessions, with their instances' settings. Run at start: an earlier run may have
+    /// left the maps otherwise (a crash between a commit and its kernel update). Counters of
+    /// clients that stay are kept.
     ///
     /// # Errors
     /// Fails on the first instance or account the dataplane rejects.

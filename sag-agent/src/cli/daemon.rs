@@ -13,8 +13,10 @@ use crate::{
     clock::{Clock, SystemClock},
     config::Config,
     gateway::{Gateway, GatewaySettings},
+    history::Recorder,
     kernel::KernelSync,
     login_api,
+    metrics::{self, MetricsSource},
     notify::Mailer,
     store::Store,
     tls,
@@ -62,6 +64,7 @@ async fn serve(config: Config) -> Result<()> {
         .await
         .context("failed to bring the kernel maps in step with the store")?;
     let kernel = Arc::new(kernel);
+    let clock_for_history = clock.clone();
     let login_host = config.login_host().unwrap_or("localhost").to_owned();
     let settings = GatewaySettings {
         endpoint_host: login_host.clone(),
@@ -69,7 +72,7 @@ async fn serve(config: Config) -> Result<()> {
         session_idle: std::time::Duration::from_secs(config.agent.session_idle_s),
     };
     let gateway = Arc::new(
-        Gateway::new(admin.clone(), kernel.clone(), settings, clock)
+        Gateway::new(admin.clone(), kernel.clone(), settings, clock.clone())
             .context("failed to open netlink")?,
     );
     gateway.start().await.context("failed to bring up the instances' tunnels")?;
@@ -80,6 +83,10 @@ async fn serve(config: Config) -> Result<()> {
     let login_listener = tokio::net::TcpListener::bind(config.agent.login_listen)
         .await
         .with_context(|| format!("failed to listen for logins on {}", config.agent.login_listen))?;
+    let metrics_listener =
+        tokio::net::TcpListener::bind(config.agent.metrics_listen).await.with_context(|| {
+            format!("failed to listen for metrics on {}", config.agent.metrics_listen)
+        })?;
     // The socket comes last, so that a start that fails leaves no dead socket behind.
     let listener = api::bind(&socket)
         .with_context(|| format!("failed to listen on the admin socket {}", socket.display()))?;
@@ -104,6 +111,15 @@ async fn serve(config: Config) -> Result<()> {
         until_stopped(stopped.clone()),
     ));
     let expiry = tokio::spawn(gateway.clone().run_idle_expiry());
+    let source =
+        MetricsSource { admin: admin.clone(), kernel: kernel.clone(), gateway: gateway.clone() };
+    tokio::spawn(metrics::serve(
+        metrics_listener,
+        Arc::new(source),
+        until_stopped(stopped.clone()),
+    ));
+    let recorder =
+        tokio::spawn(Recorder::new(admin.clone(), kernel.clone(), clock_for_history).run());
     info!(
         store = %config.store_path().display(),
         login_fingerprint = identity.fingerprint,
@@ -119,6 +135,7 @@ async fn serve(config: Config) -> Result<()> {
     };
     api::serve(listener, state, socket.clone(), until_stopped(stopped)).await?;
     expiry.abort();
+    recorder.abort();
     gateway.shutdown().await;
     store.close().await;
     let _ = std::fs::remove_file(&socket);
