@@ -57,6 +57,12 @@ impl From<sqlx::Error> for AdminError {
 
 /// Lifecycle state of an instance.
 pub const STATE_RUNNING: &str = "running";
+/// State of an instance from 15 days after its expiry until it is renewed or released: its
+/// clients can neither log in nor pass traffic.
+pub const STATE_STOPPED: &str = "stopped";
+/// State of an instance whose owner has an overdue statement, until it is paid: its clients
+/// can neither log in nor pass traffic.
+pub const STATE_LOCKED: &str = "locked";
 
 /// An instance, as the admin API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,7 +211,8 @@ pub fn month_of(time: DateTime<Utc>) -> String {
     format!("{:04}-{:02}", time.year(), time.month())
 }
 
-fn owner(value: &str) -> Result<(), ValidationError> {
+/// Checks an owner name.
+pub(crate) fn owner(value: &str) -> Result<(), ValidationError> {
     let length = value.chars().count();
     if length == 0 || length > MAX_OWNER_LEN || value.chars().any(char::is_control) {
         return Err(ValidationError {
@@ -217,7 +224,8 @@ fn owner(value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn months(value: u32) -> Result<(), ValidationError> {
+/// Checks a subscription period in months.
+pub(crate) fn months(value: u32) -> Result<(), ValidationError> {
     if !(MIN_SUBSCRIPTION_MONTHS..=MAX_SUBSCRIPTION_MONTHS).contains(&value) {
         return Err(ValidationError {
             field: "months",
@@ -240,6 +248,11 @@ impl Admin {
         &self.store
     }
 
+    /// Returns the current time of the admin's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
     /// Creates a paid instance.
     ///
     /// # Errors
@@ -260,6 +273,13 @@ impl Admin {
                 false,
             )
             .await?;
+        crate::billing::charge_subscription(
+            &mut transaction,
+            &instance,
+            new.months,
+            self.clock.now(),
+        )
+        .await?;
         transaction.commit().await?;
         info!(instance = %instance.id, owner = %instance.owner, area = %instance.area, "instance created");
         Ok(instance)
@@ -379,20 +399,7 @@ impl Admin {
     /// Fails with [`AdminError::NotFound`] for an unknown ID.
     pub async fn delete_instance(&self, id: &str) -> Result<(), AdminError> {
         let mut transaction = self.store.pool().begin().await?;
-        for table in ["accounts", "cidr_blocks", "allowed_destinations", "usage"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE instance_id = $1"))
-                .bind(id)
-                .execute(&mut *transaction)
-                .await?;
-        }
-        let deleted = sqlx::query("DELETE FROM instances WHERE id = $1")
-            .bind(id)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-        if deleted == 0 {
-            return Err(not_found("instance", id));
-        }
+        delete_instance_rows(&mut transaction, id).await?;
         transaction.commit().await?;
         info!(instance = id, "instance deleted");
         Ok(())
@@ -821,6 +828,16 @@ impl Admin {
             };
             query.bind(instance_id).bind(username).execute(&mut *transaction).await?;
         }
+        if let Some(enabled) = change.enabled {
+            // Replicas follow their source, so the user's credentials work in every area or
+            // in none.
+            sqlx::query("UPDATE accounts SET enabled = $1 WHERE replica_of = $2 AND username = $3")
+                .bind(i64::from(enabled))
+                .bind(instance_id)
+                .bind(username)
+                .execute(&mut *transaction)
+                .await?;
+        }
         transaction.commit().await?;
         info!(
             instance = instance_id,
@@ -850,27 +867,45 @@ impl Admin {
             }
             None => credentials::generate_password(),
         };
+        if let Some(source) = crate::roaming::source_of(self, instance_id, username).await? {
+            return Err(AdminError::Refused(format!(
+                "account {username} of instance {instance_id} is a replica of the account on \
+                 instance {source}; reset the password there, and every replica follows"
+            )));
+        }
         let hash = hash_off_runtime(&password).await?;
+        let mut transaction = self.store.pool().begin().await?;
         let updated = sqlx::query(
             "UPDATE accounts SET password_hash = $1 WHERE instance_id = $2 AND username = $3",
         )
         .bind(&hash)
         .bind(instance_id)
         .bind(username)
-        .execute(self.store.pool())
+        .execute(&mut *transaction)
         .await?
         .rows_affected();
         if updated == 0 {
             return Err(not_found("account", &format!("{instance_id}/{username}")));
         }
+        // The same password logs in on every replica.
+        sqlx::query(
+            "UPDATE accounts SET password_hash = $1 WHERE replica_of = $2 AND username = $3",
+        )
+        .bind(&hash)
+        .bind(instance_id)
+        .bind(username)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
         info!(instance = instance_id, username, "account password reset");
         Ok(password)
     }
 
-    /// Deletes an account, unless it used data in the current calendar month.
+    /// Deletes an account and its replicas in other areas, unless one of them used data in
+    /// the current calendar month.
     ///
     /// # Errors
-    /// Fails with [`AdminError::Refused`] while the account has usage this month.
+    /// Fails with [`AdminError::Refused`] while the account or a replica has usage this month.
     pub async fn delete_account(
         &self,
         instance_id: &str,
@@ -878,35 +913,56 @@ impl Admin {
     ) -> Result<(), AdminError> {
         let month = month_of(self.clock.now());
         let mut transaction = self.store.pool().begin().await?;
-        let used = sqlx::query(
-            "SELECT rx_bytes, tx_bytes FROM usage WHERE instance_id = $1 AND username = $2 AND month = $3",
-        )
-        .bind(instance_id)
-        .bind(username)
-        .bind(&month)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        if let Some(row) = used {
-            let bytes: i64 =
-                row.try_get::<i64, _>("rx_bytes")? + row.try_get::<i64, _>("tx_bytes")?;
-            if bytes > 0 {
-                return Err(AdminError::Refused(format!(
-                    "account {username} used {bytes} bytes in {month}, the current billing \
-                     cycle; disable it now (account disable) and delete it next month"
-                )));
+        let mut doomed = vec![instance_id.to_owned()];
+        let replicas =
+            sqlx::query("SELECT instance_id FROM accounts WHERE replica_of = $1 AND username = $2")
+                .bind(instance_id)
+                .bind(username)
+                .fetch_all(&mut *transaction)
+                .await?;
+        for row in replicas {
+            doomed.push(row.try_get("instance_id")?);
+        }
+        for instance in &doomed {
+            let used = sqlx::query(
+                "SELECT rx_bytes, tx_bytes FROM usage WHERE instance_id = $1 AND username = $2 \
+                 AND month = $3",
+            )
+            .bind(instance)
+            .bind(username)
+            .bind(&month)
+            .fetch_optional(&mut *transaction)
+            .await?;
+            if let Some(row) = used {
+                let bytes: i64 =
+                    row.try_get::<i64, _>("rx_bytes")? + row.try_get::<i64, _>("tx_bytes")?;
+                if bytes > 0 {
+                    let whose = if instance == instance_id {
+                        format!("account {username}")
+                    } else {
+                        format!("the replica of account {username} on instance {instance}")
+                    };
+                    return Err(AdminError::Refused(format!(
+                        "{whose} used {bytes} bytes in {month}, the current billing cycle; \
+                         disable it now (account disable) and delete it next month"
+                    )));
+                }
             }
         }
-        let deleted = sqlx::query("DELETE FROM accounts WHERE instance_id = $1 AND username = $2")
-            .bind(instance_id)
-            .bind(username)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-        if deleted == 0 {
-            return Err(not_found("account", &format!("{instance_id}/{username}")));
+        for instance in &doomed {
+            let deleted =
+                sqlx::query("DELETE FROM accounts WHERE instance_id = $1 AND username = $2")
+                    .bind(instance)
+                    .bind(username)
+                    .execute(&mut *transaction)
+                    .await?
+                    .rows_affected();
+            if deleted == 0 {
+                return Err(not_found("account", &format!("{instance}/{username}")));
+            }
         }
         transaction.commit().await?;
-        info!(instance = instance_id, username, "account deleted");
+        info!(instance = instance_id, username, replicas = doomed.len() - 1, "account deleted");
         Ok(())
     }
 }
@@ -928,9 +984,36 @@ async fn hash_off_runtime(password: &str) -> Result<String, AdminError> {
         .map_err(AdminError::from)
 }
 
+/// Deletes an instance with its configuration and accounts inside `transaction`. The rows of
+/// tunnels, sessions and traffic minutes follow through their foreign keys. Deletion by an
+/// admin and release by the lifecycle both come here.
+///
+/// # Errors
+/// Fails with [`AdminError::NotFound`] for an unknown ID.
+pub(crate) async fn delete_instance_rows(
+    transaction: &mut Transaction<'static, Any>,
+    id: &str,
+) -> Result<(), AdminError> {
+    for table in ["accounts", "cidr_blocks", "allowed_destinations", "usage"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE instance_id = $1"))
+            .bind(id)
+            .execute(&mut **transaction)
+            .await?;
+    }
+    let deleted = sqlx::query("DELETE FROM instances WHERE id = $1")
+        .bind(id)
+        .execute(&mut **transaction)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Err(not_found("instance", id));
+    }
+    Ok(())
+}
+
 /// Reads one instance through `executor`: the pool, or a transaction that already has the
 /// only SQLite connection.
-async fn fetch_instance<'e, E>(executor: E, id: &str) -> Result<Instance, AdminError>
+pub(crate) async fn fetch_instance<'e, E>(executor: E, id: &str) -> Result<Instance, AdminError>
 where
     E: sqlx::Executor<'e, Database = Any>,
 {

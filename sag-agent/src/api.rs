@@ -45,6 +45,10 @@ pub struct AppState {
     pub gateway: std::sync::Arc<Gateway>,
     /// SHA-256 fingerprint of the login API's certificate, which clients pin.
     pub login_fingerprint: String,
+    /// Packages, payments, statements and reports.
+    pub billing: crate::billing::Billing,
+    /// Subscription orders and the lifecycle engine.
+    pub lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
 }
 
 /// An instance with what its clients need to connect, as `GET /instances/{id}` returns it.
@@ -299,7 +303,19 @@ pub fn router(state: AppState) -> Router {
             get(show_account).patch(update_account).delete(delete_account),
         )
         .route("/instances/{id}/accounts/{username}/password", post(reset_password))
+        .route("/instances/{id}/accounts/{username}/roam", post(roam_account))
         .route("/instances/{id}/monitor", get(monitor))
+        .route("/instances/{id}/traffic", get(traffic))
+        .route("/instances/{id}/renew", post(renew_instance))
+        .route("/instances/{id}/upgrade", post(upgrade_instance))
+        .route("/instances/{id}/auto-renew", axum::routing::put(set_auto_renew))
+        .route("/instances/{id}/expiry", axum::routing::put(set_expiry))
+        .route("/lifecycle/run", post(run_lifecycle))
+        .route("/billing/report", get(billing_report))
+        .route("/billing/packages", get(list_packages).post(buy_package))
+        .route("/billing/statements", get(list_statements))
+        .route("/billing/payments", post(record_payment))
+        .route("/billing/contacts", get(show_contact).put(set_contact))
         .fallback(unknown_route)
         .method_not_allowed_fallback(unknown_route)
         .with_state(state)
@@ -391,9 +407,10 @@ async fn set_network(
     };
     let network = admin.set_network(&id, &change).await?;
     let instance = admin.instance(&id).await?;
-    // The tunnel first: it ends sessions whose address left the blocks.
-    state.gateway.sync_instance(&instance, &network).await?;
+    // The kernel first: the tunnel binds to the instance there. Then the tunnel, which ends
+    // sessions whose address left the blocks.
     state.kernel.apply_instance(&instance, &network)?;
+    state.gateway.sync_instance(&instance, &network).await?;
     Ok(Json(network))
 }
 
@@ -432,12 +449,56 @@ async fn create_account(
     Ok(Json(AccountCreatedReply { created, email }))
 }
 
+/// An account with its roaming facts, as `GET /instances/{id}/accounts/{username}` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountDetail {
+    #[serde(flatten)]
+    pub account: crate::admin::Account,
+    pub roaming: crate::roaming::RoamingInfo,
+}
+
 async fn show_account(
     State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
-) -> ApiResult<crate::admin::Account> {
+) -> ApiResult<AccountDetail> {
     let admin = &state.admin;
-    Ok(Json(admin.account(&id, &username).await?))
+    let account = admin.account(&id, &username).await?;
+    let roaming = crate::roaming::info(admin, &id, &username).await?;
+    Ok(Json(AccountDetail { account, roaming }))
+}
+
+/// Body of `POST /instances/{id}/accounts/{username}/roam`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoamBody {
+    /// The destination instance.
+    pub to: String,
+}
+
+async fn roam_account(
+    State(state): State<AppState>,
+    UrlPath((id, username)): UrlPath<(String, String)>,
+    Json(body): Json<RoamBody>,
+) -> ApiResult<crate::admin::Account> {
+    let replica = crate::roaming::roam(&state.admin, &id, &username, &body.to).await?;
+    Ok(Json(replica))
+}
+
+/// Brings the kernel and the tunnels in step with an account after a change: a disabled
+/// account loses its session, and its addresses get its new settings.
+async fn follow_account(
+    state: &AppState,
+    account: &crate::admin::Account,
+    previous_static: Option<Ipv4Addr>,
+) -> Result<(), ApiError> {
+    let (id, username) = (&account.instance_id, &account.username);
+    if !account.enabled {
+        // Disabling cuts the client off: its session ends and its peer goes.
+        state.gateway.end_session(id, username, "account disabled").await?;
+    }
+    let session = state.gateway.session_address(id, username).await;
+    let instance = state.admin.instance(id).await?;
+    state.kernel.apply_account(&instance, account, previous_static, session)?;
+    Ok(())
 }
 
 async fn update_account(
@@ -453,12 +514,14 @@ async fn update_account(
         static_ip: optional_address("static_ip", body.static_ip)?,
     };
     let account = admin.change_account(&id, &username, &change).await?;
-    if !account.enabled {
-        // Disabling cuts the client off: its session ends and its peer goes.
-        state.gateway.end_session(&id, &username, "account disabled").await?;
+    follow_account(&state, &account, previous).await?;
+    if change.enabled.is_some() {
+        // The replicas followed the source's state in the store.
+        for replica in crate::roaming::info(admin, &id, &username).await?.replicas {
+            let replica = admin.account(&replica, &username).await?;
+            follow_account(&state, &replica, None).await?;
+        }
     }
-    let session = state.gateway.session_address(&id, &username).await;
-    state.kernel.apply_account(&admin.instance(&id).await?, &account, previous, session)?;
     Ok(Json(account))
 }
 
@@ -468,10 +531,14 @@ async fn delete_account(
 ) -> ApiResult<serde_json::Value> {
     let admin = &state.admin;
     let account = admin.account(&id, &username).await?;
+    let replicas = crate::roaming::info(admin, &id, &username).await?.replicas;
     admin.delete_account(&id, &username).await?;
     state.gateway.end_session(&id, &username, "account deleted").await?;
     state.kernel.remove_account(&account)?;
-    Ok(Json(json!({ "deleted": username })))
+    for replica in &replicas {
+        state.gateway.end_session(replica, &username, "source account deleted").await?;
+    }
+    Ok(Json(json!({ "deleted": username, "replicas_deleted": replicas })))
 }
 
 async fn reset_password(
@@ -507,6 +574,39 @@ async fn monitor(
     Ok(Json(reply))
 }
 
+/// An account's traffic since the agent started, from the kernel counters, as
+/// `GET /instances/{id}/traffic` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccountTraffic {
+    pub username: String,
+    /// The address of its session, or its static address.
+    pub address: Option<Ipv4Addr>,
+    pub counters: sag_common::counters::ClientCounters,
+}
+
+async fn traffic(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Vec<AccountTraffic>> {
+    let accounts = state.admin.list_accounts(&id).await?;
+    let usage = state.kernel.account_usage()?;
+    let mut traffic = Vec::with_capacity(accounts.len());
+    for account in accounts {
+        let counters = usage
+            .iter()
+            .find(|usage| usage.instance_id == id && usage.username == account.username)
+            .map(|usage| usage.counters)
+            .unwrap_or_default();
+        let session = state.gateway.session_address(&id, &account.username).await;
+        traffic.push(AccountTraffic {
+            username: account.username,
+            address: session.or(account.static_ip),
+            counters,
+        });
+    }
+    Ok(Json(traffic))
+}
+
 /// Binds the admin socket at `path`: its directory is created with mode 0700 and the socket
 /// gets mode 0600, so only root can connect. A stale socket file is replaced.
 ///
@@ -539,4 +639,125 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     info!(socket = %socket.display(), "admin API listening");
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+impl AppState {
+    /// Runs the lifecycle engine after an order or a payment, so that a renewed instance runs
+    /// and a paid owner's instances unlock at once. A failed run leaves the order in place, and
+    /// the next scheduled run applies it.
+    async fn run_lifecycle_now(&self) {
+        if let Err(error) = self.lifecycle.tick(self.lifecycle.now()).await {
+            warn!(error = %error, "lifecycle run after an order failed; the next run applies it");
+        }
+    }
+}
+
+async fn renew_instance(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<crate::lifecycle::RenewRequest>,
+) -> ApiResult<crate::lifecycle::OrderReply> {
+    let order = state.lifecycle.renew(&id, &body).await?;
+    state.run_lifecycle_now().await;
+    Ok(Json(crate::lifecycle::OrderReply { instance: state.admin.instance(&id).await?, ..order }))
+}
+
+async fn upgrade_instance(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<crate::lifecycle::UpgradeRequest>,
+) -> ApiResult<crate::lifecycle::OrderReply> {
+    Ok(Json(state.lifecycle.upgrade(&id, &body).await?))
+}
+
+async fn set_auto_renew(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<crate::lifecycle::AutoRenewRequest>,
+) -> ApiResult<crate::lifecycle::OrderReply> {
+    let order = state.lifecycle.set_auto_renew(&id, body.enabled).await?;
+    state.run_lifecycle_now().await;
+    Ok(Json(crate::lifecycle::OrderReply { instance: state.admin.instance(&id).await?, ..order }))
+}
+
+async fn set_expiry(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<crate::lifecycle::ExpiryRequest>,
+) -> ApiResult<crate::lifecycle::OrderReply> {
+    Ok(Json(state.lifecycle.set_expiry(&id, body.expires_at).await?))
+}
+
+async fn run_lifecycle(State(state): State<AppState>) -> ApiResult<crate::lifecycle::TickReport> {
+    Ok(Json(state.lifecycle.tick(state.lifecycle.now()).await?))
+}
+
+/// Query of `GET /billing/report`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReportQuery {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub owner: Option<String>,
+}
+
+async fn billing_report(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<ReportQuery>,
+) -> ApiResult<crate::billing::MonthReport> {
+    Ok(Json(state.billing.report(&query.month, query.owner.as_deref()).await?))
+}
+
+/// Query of `GET /billing/packages`, `GET /billing/statements` and `GET /billing/contacts`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct OwnerQuery {
+    pub owner: Option<String>,
+    /// `YYYY-MM`, for packages.
+    pub month: Option<String>,
+}
+
+async fn list_packages(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<OwnerQuery>,
+) -> ApiResult<Vec<crate::billing::Package>> {
+    let packages = state.billing.packages(query.owner.as_deref(), query.month.as_deref()).await?;
+    Ok(Json(packages))
+}
+
+async fn buy_package(
+    State(state): State<AppState>,
+    Json(body): Json<crate::billing::BuyPackageRequest>,
+) -> ApiResult<crate::billing::Package> {
+    Ok(Json(state.billing.buy_package(&body.owner, body.size_gb).await?))
+}
+
+async fn list_statements(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<OwnerQuery>,
+) -> ApiResult<Vec<crate::billing::Statement>> {
+    let now = state.lifecycle.now();
+    Ok(Json(state.billing.statements(query.owner.as_deref(), now).await?))
+}
+
+async fn record_payment(
+    State(state): State<AppState>,
+    Json(body): Json<crate::billing::PaymentRequest>,
+) -> ApiResult<crate::billing::PaymentReceipt> {
+    let receipt = state.billing.pay(&body).await?;
+    state.run_lifecycle_now().await;
+    Ok(Json(receipt))
+}
+
+async fn show_contact(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<OwnerQuery>,
+) -> ApiResult<crate::billing::Contact> {
+    let owner = query.owner.unwrap_or_default();
+    Ok(Json(state.billing.contact(&owner).await?))
+}
+
+async fn set_contact(
+    State(state): State<AppState>,
+    Json(body): Json<crate::billing::ContactRequest>,
+) -> ApiResult<crate::billing::Contact> {
+    Ok(Json(state.billing.set_contact(&body.owner, &body.email).await?))
 }

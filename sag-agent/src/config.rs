@@ -58,8 +58,8 @@ pub struct AgentConfig {
     /// First UDP port of the instances' WireGuard devices.
     #[serde(default = "default_first_wireguard_port")]
     pub first_wireguard_port: u16,
-    /// Seconds without a handshake after which a login session ends and its dynamic address is
-    /// released.
+    /// Seconds without anything received from the client after which a login session ends and
+    /// its dynamic address is released.
     #[serde(default = "default_session_idle_s")]
     pub session_idle_s: u64,
 }
@@ -123,9 +123,10 @@ fn default_session_idle_s() -> u64 {
     crate::gateway::DEFAULT_SESSION_IDLE_S
 }
 
-/// Shortest idle time of a session, in seconds: two WireGuard handshake intervals of 2 minutes
-/// would be safe; below a minute, a client between two handshakes loses its session.
-pub const MIN_SESSION_IDLE_S: u64 = 60;
+/// Shortest idle time of a session, in seconds. A connected client that sends only keepalives
+/// (which carry no bytes the gateway can count) shakes hands again once its keys expire, 180 s
+/// after the last handshake, at its next 25-second keepalive; the agent looks every 10 s.
+pub const MIN_SESSION_IDLE_S: u64 = 240;
 /// Longest idle time of a session, in seconds: one day.
 pub const MAX_SESSION_IDLE_S: u64 = 86_400;
 
@@ -247,7 +248,7 @@ mod tests {
 
     #[test]
     fn session_idle_edges() {
-        for (value, valid) in [(59, false), (60, true), (86_400, true), (86_401, false)] {
+        for (value, valid) in [(239, false), (240, true), (86_400, true), (86_401, false)] {
             let text = format!("[agent]\nsession_idle_s = {value}\n");
             assert_eq!(Config::parse(Path::new("a.toml"), &text).is_ok(), valid, "{value}");
         }

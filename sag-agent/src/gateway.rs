@@ -37,8 +37,8 @@ use crate::{
 /// First UDP port of the instances' WireGuard devices; each instance takes the lowest free
 /// port from here on.
 pub const DEFAULT_FIRST_WIREGUARD_PORT: u16 = 51_820;
-/// A login session ends when its peer has had no handshake for this long, in seconds. A
-/// client that sends anything, or its 25-second keepalive, shakes hands every 2 minutes.
+/// A login session ends when its peer has sent no data and made no handshake for this long, in
+/// seconds. An idle connected client still shakes hands at least every 205 s or so.
 pub const DEFAULT_SESSION_IDLE_S: u64 = 300;
 /// Failed logins, per account and per source address, after which logins are refused...
 pub const MAX_LOGIN_FAILURES: u32 = 5;
@@ -118,6 +118,10 @@ pub enum LoginError {
     Disabled { instance: String, username: String },
     #[error("instance {instance} is {state}; logins are refused until it runs again")]
     InstanceNotRunning { instance: String, state: String },
+    #[error(
+        "instance {instance} was released on {day}: its configuration and accounts are deleted"
+    )]
+    Released { instance: String, day: String },
     #[error("too many failed logins; try again in {retry_after_s} s")]
     Throttled { retry_after_s: i64 },
     #[error("instance {0} has no tunnel yet: its admin must set its private CIDR blocks")]
@@ -255,6 +259,9 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     tunnels: tokio::sync::Mutex<HashMap<String, Tunnel>>,
     throttle: Mutex<Throttle>,
+    /// Bytes received from each session's peer at the last idle scan, and when they last grew,
+    /// by public key.
+    activity: Mutex<HashMap<String, (usize, DateTime<Utc>)>>,
 }
 
 /// Returns the name of an instance's tunnel device.
@@ -313,6 +320,7 @@ impl Gateway {
             clock,
             tunnels: tokio::sync::Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
+            activity: Mutex::new(HashMap::new()),
         })
     }
 
@@ -569,6 +577,26 @@ impl Gateway {
         request: &LoginRequest,
         source: IpAddr,
     ) -> Result<LoginReply, LoginError> {
+        let result = self.try_login(request, source).await;
+        match &result {
+            // The login API logs internal errors with their cause.
+            Ok(_) | Err(LoginError::Internal(_)) => {}
+            Err(error) => warn!(
+                instance = request.instance,
+                username = request.username,
+                %source,
+                %error,
+                "login rejected"
+            ),
+        }
+        result
+    }
+
+    async fn try_login(
+        &self,
+        request: &LoginRequest,
+        source: IpAddr,
+    ) -> Result<LoginReply, LoginError> {
         let public_key = parse_public_key(&request.public_key)?;
         let keys = [
             format!("account {}/{}", request.instance, request.username),
@@ -578,6 +606,21 @@ impl Gateway {
         let instance = match self.admin.instance(&request.instance).await {
             Ok(instance) => instance,
             Err(AdminError::NotFound { .. }) => {
+                let released =
+                    sqlx::query("SELECT released_at FROM released_instances WHERE id = $1")
+                        .bind(&request.instance)
+                        .fetch_optional(self.admin.store().pool())
+                        .await?;
+                if let Some(row) = released {
+                    let at: i64 = row.try_get("released_at")?;
+                    return Err(LoginError::Released {
+                        instance: request.instance.clone(),
+                        day: DateTime::from_timestamp(at, 0)
+                            .unwrap_or_default()
+                            .format("%Y-%m-%d")
+                            .to_string(),
+                    });
+                }
                 self.record_failure(&keys[1..]);
                 return Err(LoginError::UnknownInstance(request.instance.clone()));
             }
@@ -587,7 +630,6 @@ impl Gateway {
             self.admin.check_password(&instance.id, &request.username, &request.password).await?
         else {
             self.record_failure(&keys);
-            warn!(instance = instance.id, username = request.username, %source, "login refused: wrong credentials");
             return Err(LoginError::WrongCredentials { instance: instance.id });
         };
         self.throttle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear(&keys[0]);
@@ -799,37 +841,45 @@ impl Gateway {
     pub async fn end_idle_sessions(&self) -> Result<usize, LoginError> {
         let now = self.clock.now();
         let idle = self.settings.session_idle;
-        let mut idle_sessions = Vec::new();
+        // Each session with its peer's last handshake and bytes received so far.
+        let mut observed = Vec::new();
         {
             let tunnels = self.tunnels.lock().await;
             for (instance_id, tunnel) in tunnels.iter() {
-                let handshakes: HashMap<String, Option<Duration>> = tunnel
-                    .device
-                    .peers()
-                    .await
-                    .into_iter()
-                    .map(|stats| {
-                        (
-                            STANDARD.encode(stats.peer.public_key.as_bytes()),
-                            stats.stats.last_handshake,
-                        )
-                    })
-                    .collect();
+                let mut peers: HashMap<String, (Option<Duration>, usize)> = HashMap::new();
+                for stats in tunnel.device.peers().await {
+                    let key = STANDARD.encode(stats.peer.public_key.as_bytes());
+                    peers.insert(key, (stats.stats.last_handshake, stats.stats.rx_bytes));
+                }
                 for session in self.sessions(instance_id).await? {
-                    if session.persistent {
-                        continue;
-                    }
-                    let since_login = (now - session.started_at).to_std().unwrap_or(Duration::ZERO);
-                    let quiet = handshakes
-                        .get(&session.public_key)
-                        .copied()
-                        .flatten()
-                        .unwrap_or(since_login);
-                    if quiet >= idle && since_login >= idle {
-                        idle_sessions.push((instance_id.clone(), session.username));
-                    }
+                    let peer = peers.get(&session.public_key).copied().unwrap_or((None, 0));
+                    observed.push((instance_id.clone(), session, peer));
                 }
             }
+        }
+        let mut idle_sessions = Vec::new();
+        {
+            let mut activity =
+                self.activity.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let since = |time: DateTime<Utc>| (now - time).to_std().unwrap_or(Duration::ZERO);
+            for (instance_id, session, (handshake, rx_bytes)) in &observed {
+                // The last time the peer sent anything: when its byte count last grew.
+                let last = activity
+                    .entry(session.public_key.clone())
+                    .or_insert((*rx_bytes, session.started_at));
+                if *rx_bytes != last.0 {
+                    *last = (*rx_bytes, now);
+                }
+                if session.persistent {
+                    continue;
+                }
+                let quiet = since(last.1).min(handshake.unwrap_or(Duration::MAX));
+                if quiet >= idle && since(session.started_at) >= idle {
+                    idle_sessions.push((instance_id.clone(), session.username.clone()));
+                }
+            }
+            activity
+                .retain(|key, _| observed.iter().any(|(_, session, _)| session.public_key == *key));
         }
         for (instance_id, username) in &idle_sessions {
             self.end_session(instance_id, username, "idle").await?;

@@ -161,6 +161,8 @@ impl Recorder {
             .filter(|(_, point)| !point.is_zero())
             .collect();
         let month = month_of(now - chrono::Duration::seconds(60));
+        // Billing settles data per UTC day, so each minute also goes into its day.
+        let day = DateTime::from_timestamp(minute, 0).unwrap_or_default().date_naive();
         let mut transaction = self.admin.store().pool().begin().await?;
         for ((instance_id, username), point) in &rows {
             sqlx::query(
@@ -202,6 +204,15 @@ impl Recorder {
                 .bind(to_i64(point.rx_bytes))
                 .bind(to_i64(point.tx_bytes))
                 .execute(&mut *transaction)
+                .await?;
+                crate::billing::add_daily_usage(
+                    &mut *transaction,
+                    instance_id,
+                    username,
+                    day,
+                    point.rx_bytes,
+                    point.tx_bytes,
+                )
                 .await?;
             }
         }
@@ -340,7 +351,7 @@ mod tests {
     #[test]
     fn minutes_round_down() {
         let time = DateTime::from_timestamp(1_800_000_059, 0).unwrap();
-        assert_eq!(minute_of(time), 1_800_000_000 - 1_800_000_000 % 60);
+        assert_eq!(minute_of(time), 1_800_000_000);
         assert_eq!(minute_of(DateTime::from_timestamp(120, 0).unwrap()), 120);
         assert_eq!(minute_of(DateTime::from_timestamp(179, 0).unwrap()), 120);
     }

@@ -1,10 +1,17 @@
 //! The login API that clients use: HTTPS with JSON bodies, on a TCP port of the box.
 //!
-//! `POST /v1/login` takes a [`LoginRequest`] and answers a [`LoginReply`]; `POST /v1/logout`
-//! takes a [`LogoutRequest`]. Refusals come back as `{"kind": ..., "error": ...}` with status
-//! 400 (invalid), 401 (wrong credentials), 403 (account or instance refused), 404 (unknown
-//! instance or session), 409 (key in use), 429 (throttled, with `Retry-After`) or 503 (no
-//! tunnel, or no free address).
+//! `POST /v1/login` takes a [`LoginRequest`] and returns a [`LoginReply`]. `POST /v1/logout`
+//! takes a [`LogoutRequest`]. Errors come back as an [`ErrorReply`],
+//! `{"kind": ..., "error": ...}`, with one of these statuses:
+//!
+//! - 400 `invalid`: a field of the request is invalid.
+//! - 401 `wrong_credentials`: wrong username or password.
+//! - 403 `refused`: the account is disabled or the instance is not running.
+//! - 404 `not_found`: unknown instance, or no session for a logout.
+//! - 409 `conflict`: the public key is in use by another session.
+//! - 429 `throttled`: too many failed logins, with `Retry-After` in seconds.
+//! - 500 `internal`: a failure on the gateway, which is logged.
+//! - 503 `unavailable`: the instance has no tunnel yet, or no free address.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -30,15 +37,18 @@ use crate::{
     tls,
 };
 
-/// Time a client has to finish the TLS handshake and send its request headers.
+/// Timeout of each step of setting up a login connection. The server applies it to the TLS
+/// handshake and, separately, to reading the request headers. [`call`] applies it to the TCP
+/// connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request body the login API reads, in bytes.
+/// Maximum request body the login API reads, in bytes.
 const MAX_BODY_BYTES: usize = 16 * 1024;
 
-/// The source address of the connection a request came on.
+/// Remote address of the TCP connection that carried a request.
 #[derive(Debug, Clone, Copy)]
 struct Source(SocketAddr);
 
+/// Login or logout error, converted to an HTTP response.
 struct LoginApiError(LoginError);
 
 impl IntoResponse for LoginApiError {
@@ -49,9 +59,9 @@ impl IntoResponse for LoginApiError {
             LoginError::UnknownInstance(_) | LoginError::NoSession { .. } => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
-            LoginError::Disabled { .. } | LoginError::InstanceNotRunning { .. } => {
-                (StatusCode::FORBIDDEN, "refused")
-            }
+            LoginError::Disabled { .. }
+            | LoginError::InstanceNotRunning { .. }
+            | LoginError::Released { .. } => (StatusCode::FORBIDDEN, "refused"),
             LoginError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "throttled"),
             LoginError::KeyInUse(_) => (StatusCode::CONFLICT, "conflict"),
             LoginError::NoTunnel(_) | LoginError::PoolFull(_) => {
@@ -59,9 +69,11 @@ impl IntoResponse for LoginApiError {
             }
             LoginError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
+
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             warn!(error = %self.0, "login failed");
         }
+
         let reply = ErrorReply { kind: kind.to_owned(), error: self.0.to_string() };
         let mut response = (status, Json(reply)).into_response();
         if let LoginError::Throttled { retry_after_s } = self.0 {
@@ -98,7 +110,8 @@ async fn logout(
     Ok(Json(json!({ "logged_out": request.username })))
 }
 
-/// Serves the login API on `listener` with TLS until `shutdown` completes.
+/// Serves the login API on `listener` with TLS until `shutdown` completes. Connections
+/// accepted before then run to their end.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
@@ -108,6 +121,7 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(tls);
     let app = router(gateway);
     info!(address = ?listener.local_addr().ok(), "login API listening");
+
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -121,6 +135,7 @@ pub async fn serve(
                 }
             },
         };
+
         let acceptor = acceptor.clone();
         let app = app.clone().layer(Extension(Source(peer)));
         tokio::spawn(async move {
@@ -136,6 +151,7 @@ pub async fn serve(
                         return;
                     }
                 };
+
             let service = hyper_util::service::TowerToHyperService::new(app);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
@@ -159,16 +175,21 @@ pub enum LoginClientError {
     Http(#[from] hyper::Error),
     #[error("the login server sent an unreadable reply (status {status}): {message}")]
     Reply { status: StatusCode, message: String },
-    /// The server refused; `reply.kind` gives the reason.
+    /// The server rejected the request. `reply.kind` is the reason, as listed in the module
+    /// documentation.
     #[error("{}", reply.error)]
     Refused { status: StatusCode, reply: ErrorReply },
 }
 
-/// Sends `POST path` with a JSON body to the login API at `server` (`HOST:PORT`), trusting only
-/// the certificate whose fingerprint is `pin`, and decodes the JSON reply.
+/// Sends `POST path` with a JSON body to the login API at `server` (`HOST:PORT`) and decodes
+/// the JSON reply. The only certificate trusted is the one whose SHA-256 fingerprint is `pin`.
 ///
 /// # Errors
-/// Fails if the server cannot be reached, presents another certificate, or refuses.
+/// Fails if the server cannot be reached, presents another certificate, rejects the request,
+/// or sends a reply that is not the expected JSON.
+///
+/// NOTE: only the TCP connect has a timeout. A server that accepts the connection and then
+/// stalls keeps this call waiting unless the caller adds a timeout.
 pub async fn call<T: DeserializeOwned>(
     server: &str,
     pin: [u8; 32],
@@ -180,6 +201,7 @@ pub async fn call<T: DeserializeOwned>(
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = ServerName::try_from(host.to_owned())
         .map_err(|_| LoginClientError::Server(server.to_owned()))?;
+
     let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(server))
         .await
         .map_err(|_| LoginClientError::Connect {
@@ -195,6 +217,10 @@ pub async fn call<T: DeserializeOwned>(
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
+
+    // NOTE: a failure to encode the body or build the request is reported as `Reply` with
+    // status 400, although nothing was sent. The callers in this crate pass plain structs and
+    // constant paths, so neither step should fail.
     let payload = serde_json::to_vec(body).map_err(|error| LoginClientError::Reply {
         status: StatusCode::BAD_REQUEST,
         message: error.to_string(),
@@ -209,6 +235,7 @@ pub async fn call<T: DeserializeOwned>(
             status: StatusCode::BAD_REQUEST,
             message: error.to_string(),
         })?;
+
     let response = sender.send_request(request).await?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();

@@ -1,7 +1,9 @@
-//! End to end through real WireGuard tunnels: `sag-agent run` in a gateway namespace, users
-//! that log in with `sag-agent connect` or with wireguard-go (Debian's, the independent client)
-//! from a configuration that `sag-agent client-config` exported, and a company server behind
-//! the box. Needs root.
+//! End-to-end tests through real WireGuard tunnels. `sag-agent run` serves in a gateway
+//! namespace with a company server behind it. Users log in with `sag-agent connect`, or with
+//! wireguard-go (Debian's package, an independent implementation) from a configuration that
+//! `sag-agent client-config` exported.
+//!
+//! The tests need root, and ping, iperf3, nsenter, wireguard-go, wg and wg-quick.
 
 use std::{
     net::Ipv4Addr,
@@ -15,14 +17,16 @@ use std::{
 use sag_agent::{
     dataplane::PinnedCounters,
     testing::{
-        lab::{link_stats, Lab, LinkStats, COMPANY_SERVER},
+        lab::{link_stats, Lab, LinkStats, COMPANY_SERVER, GATEWAY_PUBLIC, LOGIN_PORT},
         netns::{unique_name, Netns},
+        wireguard::WireguardGo,
     },
 };
 use sag_common::counters::ClientCounters;
 use serde_json::Value;
 
-/// Held by every test that measures a rate, so that parallel tests do not share the CPUs.
+/// Lock that every rate measurement takes, so that no two measurements run at the same time
+/// and compete for the CPUs.
 static MEASURING: Mutex<()> = Mutex::new(());
 
 fn measuring() -> MutexGuard<'static, ()> {
@@ -33,7 +37,7 @@ fn lab(users: u8) -> Lab {
     Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), users).expect("lab starts (as root)")
 }
 
-/// Returns the kernel counters of `address`, or `None` if it is no client.
+/// Returns the kernel counters of `address`, or `None` if it is not a client in the kernel.
 fn counters(lab: &Lab, address: Ipv4Addr) -> Option<ClientCounters> {
     PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().get(&address).copied()
 }
@@ -59,7 +63,7 @@ fn ping(netns: &Netns, count: u32, size: u32) -> u32 {
     summary.split(", ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
 }
 
-/// A process this test started, killed when dropped.
+/// Child process, killed and reaped when dropped.
 struct Process(Child);
 
 impl Drop for Process {
@@ -69,9 +73,11 @@ impl Drop for Process {
     }
 }
 
-/// Runs a bounded iperf3 TCP test from `client` to the company server for `seconds` and
-/// returns the goodput the server received, in kbit/s.
+/// Runs an iperf3 TCP test from `client` to the company server for `seconds`, plus one
+/// omitted second, and returns the goodput the server received, in kbit/s. `timeout` stops
+/// the client after 60 s.
 fn tcp_goodput(lab: &Lab, client: &Netns, seconds: u32) -> f64 {
+    // One port per test process. Callers hold the MEASURING lock, so calls never overlap.
     let port = 5300 + (std::process::id() % 500) as u16;
     let server = Process(
         Command::new("ip")
@@ -103,15 +109,17 @@ fn tcp_goodput(lab: &Lab, client: &Netns, seconds: u32) -> f64 {
     report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1_000.0
 }
 
+/// Asserts that `goodput` is 85 % to 105 % of the limit `rate`, both in kbit/s.
 fn assert_goodput(name: &str, goodput: f64, rate: u32) {
     let ratio = goodput / f64::from(rate);
     eprintln!("{name}: TCP goodput {goodput:.1} kbit/s at {rate} (ratio {ratio:.3})");
     assert!((0.85..=1.05).contains(&ratio), "{name}: goodput {goodput:.1} at {rate} kbit/s");
 }
 
-/// Checks that the gateway's counters of `address` account for exactly what the client's
-/// tunnel interface sent and received between two snapshots: every packet the client sent
-/// was passed or dropped by reason, and every packet passed toward the client arrived.
+/// Asserts that the gateway's counters of a client account for exactly what the client's
+/// tunnel interface sent and received between the snapshots `before` and `after`. Every packet
+/// the client sent was passed or dropped with a reason, and every packet passed toward the
+/// client arrived.
 fn assert_counters_match(before: (ClientCounters, LinkStats), after: (ClientCounters, LinkStats)) {
     let (gateway, client) = (after.0, after.1);
     let (gateway_before, client_before) = (before.0, before.1);
@@ -141,75 +149,18 @@ fn assert_counters_match(before: (ClientCounters, LinkStats), after: (ClientCoun
     );
     assert_eq!(
         gateway.tx_bytes - gateway_before.tx_bytes,
-        client.rx_bytes - client_before.rx_bytes
+        client.rx_bytes - client_before.rx_bytes,
+        "tx bytes"
     );
 }
 
-/// Lets packets in flight land before counters are compared.
+/// Waits 500 ms so that packets in flight arrive before counters are compared.
 fn settle() {
     std::thread::sleep(Duration::from_millis(500));
 }
 
-/// wireguard-go running in a user's namespace, killed when dropped.
-struct WireguardGo {
-    name: String,
-    process: Process,
-}
-
-impl Drop for WireguardGo {
-    fn drop(&mut self) {
-        let _ = self.process.0.kill();
-        let _ = self.process.0.wait();
-        // Killed, it leaves its UAPI socket behind.
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.name));
-    }
-}
-
-impl WireguardGo {
-    /// Starts wireguard-go in `netns` and configures it from a wg-quick file as wg-quick
-    /// would: the WireGuard part through `wg setconf`, address, MTU and routes through `ip`.
-    fn start(netns: &Netns, config: &Path) -> Self {
-        let name = unique_name("lwg");
-        let process = Process(
-            Command::new("ip")
-                .args(["netns", "exec", netns.name(), "wireguard-go", "-f", &name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let socket = format!("/var/run/wireguard/{name}.sock");
-        let start = Instant::now();
-        while !Path::new(&socket).exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "wireguard-go did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let text = std::fs::read_to_string(config).unwrap();
-        let named = config.with_file_name(format!("{name}.conf"));
-        std::fs::copy(config, &named).unwrap();
-        let stripped =
-            sag_agent::testing::netns::run("wg-quick", &["strip", named.to_str().unwrap()])
-                .unwrap();
-        let stripped_path = config.with_file_name(format!("{name}.stripped"));
-        std::fs::write(&stripped_path, stripped).unwrap();
-        netns.exec(&["wg", "setconf", &name, stripped_path.to_str().unwrap()]).unwrap();
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(&format!("{key} = ")))
-                .unwrap_or_else(|| panic!("{key} in {text}"))
-                .to_owned()
-        };
-        netns.ip(&["addr", "add", &value("Address"), "dev", &name]).unwrap();
-        netns.ip(&["link", "set", &name, "mtu", &value("MTU"), "up"]).unwrap();
-        for route in value("AllowedIPs").split(", ") {
-            netns.ip(&["route", "add", route, "dev", &name]).unwrap();
-        }
-        Self { name, process }
-    }
-}
-
 #[test]
-fn wireguard_go_with_an_exported_configuration() {
+fn wireguard_go_with_exported_config() {
     let lab = lab(1);
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "wgo-user1", 512, None).unwrap();
@@ -224,7 +175,7 @@ fn wireguard_go_with_an_exported_configuration() {
     assert!(stdout.starts_with(&format!("Wrote {}", out.display())), "{stdout}");
     for file in [out.clone(), out.with_extension("png")] {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{} holds the private key", file.display());
+        assert_eq!(mode, 0o600, "{} contains the private key", file.display());
     }
     let png = std::fs::read(out.with_extension("png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
@@ -241,7 +192,7 @@ fn wireguard_go_with_an_exported_configuration() {
         .unwrap();
 
     let user = &lab.users[0];
-    let wireguard = WireguardGo::start(user, &out);
+    let wireguard = WireguardGo::start(user, &out).unwrap();
     let snapshot =
         || (counters(&lab, address).unwrap(), link_stats(user, &wireguard.name).unwrap());
     let before = snapshot();
@@ -263,12 +214,12 @@ fn wireguard_go_with_an_exported_configuration() {
     assert!(after.0.rx_dropped.rate_limit.packets > 0, "the limit dropped packets: {:?}", after.0);
     drop(_measuring);
 
-    // An exported configuration outlives an agent restart: the session is stored, and the
-    // counters are pinned.
+    // An exported configuration still works after the agent restarts, because the session is
+    // stored and the counters are pinned.
     drop(wireguard);
     lab.stop_agent();
     lab.start_agent().unwrap();
-    let wireguard = WireguardGo::start(user, &out);
+    let wireguard = WireguardGo::start(user, &out).unwrap();
     let before = counters(&lab, address).unwrap();
     assert_eq!(before, after.0, "the counters survive the restart");
     assert_eq!(ping(user, 3, 100), 3, "ping after the restart, without logging in again");
@@ -280,7 +231,7 @@ fn wireguard_go_with_an_exported_configuration() {
 }
 
 #[test]
-fn connect_two_users_change_bandwidth_disable_and_reconnect() {
+fn connect_limits_disable_reconnect() {
     let lab = lab(2);
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "alice-dyn", 512, None).unwrap();
@@ -300,7 +251,7 @@ fn connect_two_users_change_bandwidth_disable_and_reconnect() {
     assert_eq!(bob, static_ip);
     assert_ne!(alice, bob);
 
-    // Both at once, each counted under its own address.
+    // Both users at once, each counted under their own address.
     let (alice_replies, bob_replies) = std::thread::scope(|scope| {
         let first = scope.spawn(|| ping(&lab.users[0], 4, 100));
         let second = scope.spawn(|| ping(&lab.users[1], 6, 200));
@@ -322,13 +273,13 @@ fn connect_two_users_change_bandwidth_disable_and_reconnect() {
         settle();
         assert_goodput("sag connect at 512 kbit/s", goodput, 512);
         assert_counters_match(before, snapshot());
-        // A new bandwidth holds from now on, on the same session.
+        // A changed bandwidth applies at once to the existing session.
         lab.admin(&["account", "set", &instance, "alice-dyn", "--bandwidth", "1000"]).unwrap();
         let goodput = tcp_goodput(&lab, user, 8);
         assert_goodput("sag connect after the change to 1,000 kbit/s", goodput, 1_000);
     }
 
-    // Disabling cuts the user off within a second.
+    // Disabling an account cuts the user off within a second.
     let pinger = Command::new("ip")
         .args(["netns", "exec", lab.users[1].name(), "ping", "-n", "-D", "-i", "0.05"])
         .args(["-c", "80", "-W", "1", &COMPANY_SERVER.to_string()])
@@ -349,24 +300,14 @@ fn connect_two_users_change_bandwidth_disable_and_reconnect() {
     let last = replies.last().copied().unwrap();
     assert!(replies.len() > 10, "replies before the disable: {text}");
     assert!(last - disabled_at < 1.0, "a reply came {:.3} s after disabling", last - disabled_at);
-    let output = lab
-        .user_command(
-            1,
-            &{
-                let mut args = vec!["connect".to_owned()];
-                args.extend(lab.login_args(&fingerprint, &instance, "bob-static"));
-                args.extend([
-                    "--run-dir".to_owned(),
-                    lab.dir.join("refused").display().to_string(),
-                ]);
-                args.push("--no-dns".to_owned());
-                args
-            }
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        )
-        .unwrap();
+
+    // A disabled account cannot log in again.
+    let mut args = vec!["connect".to_owned()];
+    args.extend(lab.login_args(&fingerprint, &instance, "bob-static"));
+    args.extend(["--run-dir".to_owned(), lab.dir.join("refused").display().to_string()]);
+    args.push("--no-dns".to_owned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = lab.user_command(1, &args).unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -374,7 +315,8 @@ fn connect_two_users_change_bandwidth_disable_and_reconnect() {
         "{stderr}"
     );
 
-    // A dynamic account gets another address on reconnecting; a static one keeps its own.
+    // A dynamic account gets another address when it reconnects, but a static one keeps its
+    // own.
     assert_eq!(lab.disconnect(0).unwrap(), format!("Disconnected from intranet ({alice} on sag0)"));
     assert_eq!(std::fs::read_to_string(&resolv).unwrap(), "nameserver 192.0.2.53\n");
     assert_eq!(counters(&lab, alice), None, "a logged-out dynamic address is no client");
@@ -390,7 +332,8 @@ fn connect_two_users_change_bandwidth_disable_and_reconnect() {
     assert_eq!(ping(&lab.users[1], 2, 100), 2);
 }
 
-/// Runs `connect` for `username` with `password` and returns its exit status and error output.
+/// Runs `connect` as user 0 with `username` and `password`, and returns whether it succeeded
+/// and its standard error.
 fn try_login(
     lab: &Lab,
     instance: &str,
@@ -401,11 +344,7 @@ fn try_login(
     let file = lab.dir.join(unique_name("pw"));
     std::fs::write(&file, password).unwrap();
     let run_dir = lab.dir.join(unique_name("run")).display().to_string();
-    let server = format!(
-        "{}:{}",
-        sag_agent::testing::lab::GATEWAY_PUBLIC,
-        sag_agent::testing::lab::LOGIN_PORT
-    );
+    let server = format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}");
     let output = lab
         .user_command(
             0,
@@ -431,7 +370,7 @@ fn try_login(
 }
 
 #[test]
-fn refused_logins_allocate_nothing_and_are_throttled() {
+fn rejected_logins_allocate_nothing() {
     let lab = lab(1);
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "carol-one", 512, None).unwrap();
@@ -466,15 +405,15 @@ fn refused_logins_allocate_nothing_and_are_throttled() {
     );
     assert!(
         PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().is_empty(),
-        "refused logins put no client in the kernel"
+        "rejected logins put no client in the kernel"
     );
-    let shown: Value =
+    let details: Value =
         serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
             .unwrap();
-    assert_eq!(shown["instance"]["tunnel"]["sessions"], 0);
+    assert_eq!(details["instance"]["tunnel"]["sessions"], 0);
 
-    // The source address has 3 failures (wrong password, unknown user, unknown instance);
-    // at 5, even the right password waits.
+    // The source address now has 3 failed logins (wrong password, unknown user, unknown
+    // instance). After 5, even the right password is throttled.
     for password in ["Wrong_pass2", "Wrong_pass3"] {
         let (ok, stderr) = try_login(&lab, &instance, &fingerprint, "carol-one", password);
         assert!(!ok);
@@ -486,31 +425,65 @@ fn refused_logins_allocate_nothing_and_are_throttled() {
 }
 
 #[test]
-fn idle_session_ends_and_releases_its_address() {
-    let lab = lab(1);
+fn idle_session_releases_address() {
+    let lab = lab(2);
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "erin-idle", 512, None).unwrap();
+    lab.create_account(&instance, "gina-stays", 512, None).unwrap();
+    // A second user stays connected and sends nothing but its keepalives.
+    let staying =
+        connected_address(&lab.connect(1, &fingerprint, &instance, "gina-stays").unwrap());
     let address = connected_address(&lab.connect(0, &fingerprint, &instance, "erin-idle").unwrap());
     assert_eq!(ping(&lab.users[0], 1, 100), 1);
     assert!(counters(&lab, address).is_some());
-    // The user's machine dies: its tunnel process ends without logging out.
+
+    // Simulate a crashed client: SIGKILL the tunnel process, so it cannot log out.
     let state: Value =
         serde_json::from_str(&std::fs::read_to_string(lab.run_dir(0).join("sag0.json")).unwrap())
             .unwrap();
     let pid = libc::pid_t::try_from(state["pid"].as_u64().unwrap()).unwrap();
-    // SAFETY: kill has no memory preconditions; the process is the tunnel process this test
-    // started through `connect`.
+    // SAFETY: kill has no memory preconditions. The process is the tunnel process that this
+    // test started through `connect`.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    // The lab's idle time is 60 s; the agent looks every 10 s.
+
+    // The lab's idle time is 240 s, and the agent scans for idle sessions every 10 s.
     let start = Instant::now();
     while counters(&lab, address).is_some() {
-        assert!(start.elapsed() < Duration::from_secs(90), "the session did not end when idle");
+        assert!(start.elapsed() < Duration::from_secs(270), "the session did not end when idle");
         std::thread::sleep(Duration::from_secs(1));
     }
-    assert!(start.elapsed() >= Duration::from_secs(50), "ended after {:?}", start.elapsed());
+    assert!(start.elapsed() >= Duration::from_secs(225), "ended after {:?}", start.elapsed());
     assert!(lab.agent_log().contains("reason=\"idle\""), "{}", lab.agent_log());
-    let shown: Value =
+    let details: Value =
         serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
             .unwrap();
-    assert_eq!(shown["instance"]["tunnel"]["sessions"], 0);
+    assert_eq!(details["instance"]["tunnel"]["sessions"], 1);
+    // The other session lived on past the idle time: its keepalives made new handshakes once
+    // its keys expired.
+    std::thread::sleep(Duration::from_secs(15));
+    assert!(counters(&lab, staying).is_some(), "a live session ended: {}", lab.agent_log());
+    assert_eq!(ping(&lab.users[1], 2, 100), 2);
+}
+
+#[test]
+fn block_change_ends_outside_sessions() {
+    let lab = lab(1);
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "frank-blk", 512, None).unwrap();
+    let line = lab.connect(0, &fingerprint, &instance, "frank-blk").unwrap();
+    let old = connected_address(&line);
+    assert!(counters(&lab, old).is_some());
+
+    lab.admin(&["network", "set", &instance, "--cidr-block", "10.78.0.0/24"]).unwrap();
+    assert_eq!(counters(&lab, old), None, "the old address is no client any more");
+    let details: Value =
+        serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(details["instance"]["tunnel"]["sessions"], 0);
+    assert!(lab.agent_log().contains("address outside the new blocks"), "{}", lab.agent_log());
+
+    lab.disconnect(0).unwrap();
+    let new = connected_address(&lab.connect(0, &fingerprint, &instance, "frank-blk").unwrap());
+    assert_eq!(new, Ipv4Addr::new(10, 78, 0, 1));
+    assert_eq!(ping(&lab.users[0], 2, 100), 2);
 }

@@ -20,6 +20,7 @@ pub enum Direction {
 /// kernel map; the agent adds them up with [`ClientCounters::merge`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct ClientCounters {
     /// Packets from the client that passed.
     pub rx_packets: u64,
@@ -39,6 +40,7 @@ pub struct ClientCounters {
 /// spoofed: a spoofed packet has no client and is counted per interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct DropCounters {
     pub rate_limit: PacketCounter,
     pub blocked: PacketCounter,
@@ -187,6 +189,7 @@ impl InterfaceKey {
 /// A packet and byte count. One value per CPU in the kernel map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PacketCounter {
     pub packets: u64,
     pub bytes: u64,

@@ -12,8 +12,9 @@ use super::{table, ClientOptions};
 use crate::{
     admin::{Account, Instance, Network},
     api::{
-        AccountCreatedReply, CreateAccountBody, CreateInstanceBody, EmailReport, InstanceDetail,
-        NetworkBody, PasswordBody, PasswordReply, TrialBody, UpdateAccountBody,
+        AccountCreatedReply, AccountDetail, CreateAccountBody, CreateInstanceBody, EmailReport,
+        InstanceDetail, NetworkBody, PasswordBody, PasswordReply, RoamBody, TrialBody,
+        UpdateAccountBody,
     },
     api_client::ApiClient,
     validation,
@@ -57,6 +58,21 @@ enum InstanceAction {
     Show { id: String },
     /// Delete an instance with its configuration and accounts.
     Delete { id: String },
+    /// Extend the subscription by whole months, charged at the fee of the quota.
+    Renew(super::billing::RenewArgs),
+    /// Raise the account quota now (a multiple of 5), charged for the months left.
+    Upgrade(super::billing::UpgradeArgs),
+    /// Renew, with the account quota of the renewed period (up or down, a multiple of 5).
+    Modify(super::billing::ModifyArgs),
+    /// Turn auto-renew on or off: each expiry then adds a month, charged.
+    AutoRenew(super::billing::AutoRenewArgs),
+    /// Set the expiry time without a charge: a correction for imported instances and for
+    /// lifecycle drills.
+    #[command(hide = true)]
+    SetExpiry(super::billing::SetExpiryArgs),
+    /// Run the lifecycle now: settle data, issue statements, stop, lock, unlock or release
+    /// instances, and send the notices that are due. The agent also runs it every minute.
+    LifecycleRun,
 }
 
 #[derive(Debug, Args)]
@@ -173,8 +189,18 @@ enum AccountAction {
     Enable { instance: String, username: String },
     /// Disable an account: its client is cut off at once.
     Disable { instance: String, username: String },
-    /// Delete an account; refused while it has used data this month.
+    /// Delete an account and its replicas; refused while one of them has used data this
+    /// month.
     Delete { instance: String, username: String },
+    /// Replicate an account to an instance in another area, where it logs in with the same
+    /// username and password.
+    Roam {
+        instance: String,
+        username: String,
+        /// The destination instance.
+        #[arg(long, value_name = "INSTANCE")]
+        to: String,
+    },
     /// Set a new password, generated unless given; it is printed once.
     ResetPassword {
         instance: String,
@@ -200,7 +226,7 @@ enum AccountAction {
 }
 
 /// Runs one request on a fresh single-threaded runtime.
-fn call<T: DeserializeOwned>(
+pub(super) fn call<T: DeserializeOwned>(
     options: &ClientOptions,
     method: Method,
     path: &str,
@@ -211,9 +237,9 @@ fn call<T: DeserializeOwned>(
     Ok(runtime.block_on(client.call(method, path, body))?)
 }
 
-const NO_BODY: Option<&()> = None;
+pub(super) const NO_BODY: Option<&()> = None;
 
-fn print_json(value: &impl Serialize) -> Result<()> {
+pub(super) fn print_json(value: &impl Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -315,6 +341,12 @@ pub fn run_instance(command: InstanceCommand) -> Result<()> {
             print_network(&network);
             Ok(())
         }
+        InstanceAction::Renew(args) => super::billing::renew(options, args),
+        InstanceAction::Upgrade(args) => super::billing::upgrade(options, args),
+        InstanceAction::Modify(args) => super::billing::modify(options, args),
+        InstanceAction::AutoRenew(args) => super::billing::auto_renew(options, args),
+        InstanceAction::SetExpiry(args) => super::billing::set_expiry(options, args),
+        InstanceAction::LifecycleRun => super::billing::lifecycle_run(options),
         InstanceAction::Delete { id } => {
             let reply: serde_json::Value =
                 call(options, Method::DELETE, &instance_path(&id)?, NO_BODY)?;
@@ -327,7 +359,7 @@ pub fn run_instance(command: InstanceCommand) -> Result<()> {
     }
 }
 
-fn show_instances(options: &ClientOptions, instances: &[Instance]) -> Result<()> {
+pub(super) fn show_instances(options: &ClientOptions, instances: &[Instance]) -> Result<()> {
     if options.json {
         return print_json(&instances);
     }
@@ -407,7 +439,7 @@ fn account_path(instance: &str, username: &str) -> Result<String> {
 }
 
 /// Returns the API path of an instance, after checking its ID.
-fn instance_path(instance: &str) -> Result<String> {
+pub(super) fn instance_path(instance: &str) -> Result<String> {
     validation::instance_id(instance)?;
     Ok(format!("/instances/{instance}"))
 }
@@ -448,9 +480,33 @@ pub fn run_account(command: AccountCommand) -> Result<()> {
             show_accounts(options, &accounts)
         }
         AccountAction::Show { instance, username } => {
-            let account: Account =
+            let detail: AccountDetail =
                 call(options, Method::GET, &account_path(&instance, &username)?, NO_BODY)?;
-            show_accounts(options, &[account])
+            if options.json {
+                return print_json(&detail);
+            }
+            show_accounts(options, std::slice::from_ref(&detail.account))?;
+            if let Some(source) = &detail.roaming.replica_of {
+                println!("replica of the account on instance {source}");
+            }
+            if !detail.roaming.replicas.is_empty() {
+                println!("replicated to: {}", detail.roaming.replicas.join(", "));
+            }
+            Ok(())
+        }
+        AccountAction::Roam { instance, username, to } => {
+            validation::instance_id(&to)?;
+            let body = RoamBody { to: to.clone() };
+            let path = format!("{}/roam", account_path(&instance, &username)?);
+            let replica: Account = call(options, Method::POST, &path, Some(&body))?;
+            if options.json {
+                return print_json(&replica);
+            }
+            println!(
+                "replicated account {username} of instance {instance} to instance {to}: it logs \
+                 in there with the same password"
+            );
+            Ok(())
         }
         AccountAction::Enable { instance, username } => {
             set_enabled(options, &instance, &username, true)

@@ -1,10 +1,14 @@
 //! The end user's side: `sag-agent connect`, `disconnect` and `client-config`.
 //!
 //! `connect` logs in over TLS, pinning the certificate fingerprint from the instance's
-//! credentials, and runs a WireGuard device (gotatun) in a background process that it starts
-//! for the purpose; it returns once the tunnel has shaken hands with the gateway. That process
-//! keeps a state file in the run directory, which `disconnect` reads to stop it; on its way
-//! out it logs out and restores the DNS configuration it changed.
+//! credentials. It then starts a background process that runs a WireGuard device (gotatun),
+//! and returns once the tunnel has completed a handshake with the gateway. With `--foreground`,
+//! `connect` runs the tunnel itself instead. The tunnel process keeps a state file in the run
+//! directory, which `disconnect` reads to stop it. On its way out, the process logs out and
+//! restores the DNS configuration it changed.
+//!
+//! `client-config` logs in with a persistent session and writes a WireGuard configuration
+//! file for other clients, such as wg-quick or the official apps.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -36,32 +40,32 @@ use crate::{
 pub const DEFAULT_CLIENT_INTERFACE: &str = "sag0";
 /// Default directory of the client's state files.
 pub const DEFAULT_CLIENT_RUN_DIR: &str = "/run/sag-client";
-/// Environment variable that may carry the password, for scripts.
+/// Environment variable that may contain the password, for scripts.
 pub const PASSWORD_ENV: &str = "SAG_PASSWORD";
-/// Time the tunnel has to complete its first handshake.
+/// Maximum wait for the tunnel's first WireGuard handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time `disconnect` waits for the tunnel process to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time the tunnel process gives the logout call on its way out.
+/// Timeout of the logout request that the tunnel process sends before it exits.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where to log in, and as whom.
+/// Login server, instance and credentials, shared by `connect` and `client-config`.
 #[derive(Debug, Clone, Args)]
 pub struct LoginArgs {
-    /// The login server, `HOST:PORT`, from the credentials email.
+    /// Login server as `HOST:PORT`, from the credentials email.
     #[arg(long, value_name = "HOST:PORT")]
     server: String,
     /// SHA-256 fingerprint of the server's certificate (`sag-agent instance show` prints it).
     #[arg(long, env = "SAG_FINGERPRINT", value_name = "sha256:HEX")]
     fingerprint: String,
-    /// The instance ID, `sag-...`.
+    /// Instance ID, `sag-...`.
     #[arg(long, value_name = "ID")]
     instance: String,
     /// The username.
     #[arg(long, value_name = "NAME")]
     username: String,
-    /// Read the password from this file (its first line) instead of a prompt. The variable
-    /// SAG_PASSWORD also works, for scripts.
+    /// File whose first line is the password. Without it, the password comes from the
+    /// SAG_PASSWORD environment variable or, if that is unset, a prompt.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
 }
@@ -74,10 +78,10 @@ pub struct ConnectArgs {
     /// Name of the tunnel interface.
     #[arg(long, default_value = DEFAULT_CLIENT_INTERFACE, value_name = "NAME")]
     interface: String,
-    /// Directory of the state file that `disconnect` reads.
+    /// Directory for the state file that `disconnect` reads, the tunnel log and the DNS backup.
     #[arg(long, default_value = DEFAULT_CLIENT_RUN_DIR, value_name = "DIR")]
     run_dir: PathBuf,
-    /// The resolver configuration to point at the instance's DNS servers while connected.
+    /// Resolver configuration file to point at the instance's DNS servers while connected.
     #[arg(long, default_value = "/etc/resolv.conf", value_name = "FILE")]
     resolv_conf: PathBuf,
     /// Leave the DNS configuration alone.
@@ -104,15 +108,17 @@ pub struct DisconnectArgs {
 pub struct ClientConfigArgs {
     #[command(flatten)]
     login: LoginArgs,
-    /// The WireGuard configuration file to write (mode 0600: it holds the private key).
+    /// WireGuard configuration file to write, with mode 0600 because it contains the private
+    /// key.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// Also write the configuration as a QR code, in FILE with the extension .png.
+    /// Also write the configuration as a QR code, to the --out path with the extension .png.
     #[arg(long)]
     qr: bool,
 }
 
-/// What the connecting process hands to the tunnel process, on its standard input.
+/// Login result and settings that `connect` passes to the tunnel process as JSON on its
+/// standard input.
 #[derive(Serialize, Deserialize)]
 struct TunnelOrder {
     private_key: String,
@@ -126,7 +132,7 @@ struct TunnelOrder {
     resolv_conf: Option<PathBuf>,
 }
 
-/// What the tunnel process keeps in its state file.
+/// Contents of the tunnel process's state file, which `disconnect` reads.
 #[derive(Serialize, Deserialize)]
 struct TunnelState {
     pid: u32,
@@ -144,7 +150,8 @@ fn dns_backup_path(run_dir: &Path, interface: &str) -> PathBuf {
     run_dir.join(format!("{interface}.resolv.conf"))
 }
 
-/// Reads the password: from the file, the environment, or a prompt without echo.
+/// Reads the password from the password file, else from [`PASSWORD_ENV`], else from a prompt
+/// without echo.
 fn read_password(login: &LoginArgs) -> Result<String> {
     if let Some(path) = &login.password_file {
         let text = std::fs::read_to_string(path)
@@ -162,7 +169,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// Logs in with a new key pair and returns it with the reply.
+/// Generates a key pair and logs in with its public key. Returns the key pair, the reply and
+/// the parsed certificate fingerprint.
 fn log_in(login: &LoginArgs, persistent: bool) -> Result<(KeyPair, LoginReply, [u8; 32])> {
     let pin = tls::parse_fingerprint(&login.fingerprint)?;
     let password = read_password(login)?;
@@ -176,7 +184,7 @@ fn log_in(login: &LoginArgs, persistent: bool) -> Result<(KeyPair, LoginReply, [
     };
     let reply: LoginReply = runtime()?
         .block_on(login_api::call(&login.server, pin, "/v1/login", &request))
-        .with_context(|| format!("login to {} refused", login.server))?;
+        .with_context(|| format!("login to {} failed", login.server))?;
     Ok((keys, reply, pin))
 }
 
@@ -197,6 +205,7 @@ pub fn connect(args: ConnectArgs) -> Result<()> {
             }
         }
     }
+
     let (keys, reply, pin) = log_in(&args.login, false)?;
     let order = TunnelOrder {
         private_key: keys.private_base64(),
@@ -213,6 +222,7 @@ pub fn connect(args: ConnectArgs) -> Result<()> {
     if args.foreground {
         return run_tunnel(order, &mut std::io::stdout());
     }
+
     create_run_dir(&args.run_dir)?;
     let log_path = args.run_dir.join(format!("{}.log", args.interface));
     let log = std::fs::OpenOptions::new()
@@ -229,6 +239,8 @@ pub fn connect(args: ConnectArgs) -> Result<()> {
         .process_group(0)
         .spawn()
         .context("failed to start the tunnel process")?;
+
+    // The tunnel process reports one line: `ready ADDRESS` or `error MESSAGE`.
     let mut stdin = child.stdin.take().expect("piped");
     stdin.write_all(&serde_json::to_vec(&order)?)?;
     drop(stdin);
@@ -253,7 +265,8 @@ pub fn connect(args: ConnectArgs) -> Result<()> {
     }
 }
 
-/// Runs the hidden `tunnel-process` command: reads its order on standard input.
+/// Runs the hidden `tunnel-process` command. It reads a [`TunnelOrder`] as JSON on standard
+/// input and reports `ready ADDRESS` or `error MESSAGE` on standard output.
 pub fn tunnel_process() -> Result<()> {
     let mut text = String::new();
     std::io::stdin().read_to_string(&mut text)?;
@@ -284,7 +297,7 @@ fn decode_key(field: &str, text: &str) -> Result<[u8; 32]> {
 }
 
 /// Brings the tunnel up, reports `ready ADDRESS` on `report`, and runs until SIGTERM or
-/// SIGINT; then logs out, restores DNS and takes the tunnel down.
+/// SIGINT. Then it logs out, restores DNS, takes the tunnel down and removes the state file.
 fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -297,13 +310,13 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
             .with_context(|| format!("failed to resolve the endpoint {}", reply.endpoint))?
             .find(std::net::SocketAddr::is_ipv4)
             .with_context(|| format!("the endpoint {} has no IPv4 address", reply.endpoint))?;
-        let peer = Peer::new(gateway)
-            .with_endpoint(endpoint)
-            .with_allowed_ips(reply.routes.iter().map(|route| {
+
+        let mut peer = Peer::new(gateway).with_endpoint(endpoint).with_allowed_ips(
+            reply.routes.iter().map(|route| {
                 ipnetwork::IpNetwork::new(IpAddr::V4(route.network()), route.prefix_len())
                     .expect("an Ipv4Net has a valid prefix")
-            }));
-        let mut peer = peer;
+            }),
+        );
         peer.keepalive = Some(reply.persistent_keepalive_s);
         let device = gotatun::device::build()
             .with_default_udp()
@@ -314,6 +327,7 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
             .build()
             .await
             .context("failed to start the WireGuard device")?;
+
         let netlink = Netlink::connect()?;
         let ifindex = netlink.ifindex(&order.interface).await?;
         netlink::disable_ipv6(&order.interface)?;
@@ -322,11 +336,13 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
         for route in &reply.routes {
             netlink.replace_route(*route, ifindex).await?;
         }
+
         device.force_handshake(&gateway).await.context("failed to start the handshake")?;
         let start = Instant::now();
         loop {
-            let shaken = device.peers().await.iter().any(|peer| peer.stats.last_handshake.is_some());
-            if shaken {
+            let handshake_completed =
+                device.peers().await.iter().any(|peer| peer.stats.last_handshake.is_some());
+            if handshake_completed {
                 break;
             }
             if start.elapsed() > HANDSHAKE_TIMEOUT {
@@ -338,6 +354,9 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+
+        // NOTE: if a step from here to `ready` fails, the process exits without restoring
+        // `resolv_conf`. The old contents stay in the backup file in the run directory.
         let dns = match &order.resolv_conf {
             Some(path) if !reply.dns.is_empty() => {
                 Some(apply_dns(path, &order.run_dir, &order.interface, &reply.dns)?)
@@ -355,15 +374,22 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
         write_private(&state_file, &serde_json::to_vec_pretty(&state)?)?;
         writeln!(report, "ready {}", reply.address)?;
         report.flush()?;
-        tracing::info!(address = %reply.address, interface = order.interface, "connected to intranet");
+        tracing::info!(
+            address = %reply.address,
+            interface = order.interface,
+            "connected to intranet"
+        );
 
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
         tracing::info!("disconnecting");
+
         let logout = LogoutRequest {
             instance: order.instance.clone(),
             username: order.username.clone(),
@@ -380,6 +406,7 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
             Ok(Err(error)) => tracing::warn!(error = %error, "logout failed"),
             Err(_) => tracing::warn!("logout timed out"),
         }
+
         if let Some(backup) = dns {
             restore_dns(order.resolv_conf.as_deref().expect("DNS was applied"), &backup)?;
         }
@@ -389,7 +416,8 @@ fn run_tunnel(order: TunnelOrder, report: &mut impl std::io::Write) -> Result<()
     })
 }
 
-/// Writes `bytes` to a new file readable by root alone.
+/// Replaces `path` with a new file of mode 0600 that contains `bytes`. The old file is removed
+/// first, so that its mode is not kept.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let mut file = std::fs::OpenOptions::new()
@@ -403,8 +431,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Points `resolv_conf` at the instance's servers, keeping the old file beside the state
-/// file, and returns where the old one is.
+/// Replaces `resolv_conf` with one that lists the instance's DNS `servers`. The old contents
+/// go to a backup file in `run_dir`, whose path this returns.
 fn apply_dns(
     resolv_conf: &Path,
     run_dir: &Path,
@@ -464,6 +492,7 @@ pub fn disconnect(args: DisconnectArgs) -> Result<()> {
             return Err(error).with_context(|| format!("failed to read {}", path.display()))
         }
     };
+
     let state: TunnelState = serde_json::from_str(&text)
         .with_context(|| format!("invalid state file {}", path.display()))?;
     let command = std::fs::read(format!("/proc/{}/cmdline", state.pid)).unwrap_or_default();
@@ -475,12 +504,14 @@ pub fn disconnect(args: DisconnectArgs) -> Result<()> {
             args.interface
         );
     }
+
     let pid = libc::pid_t::try_from(state.pid).context("process ID out of range")?;
-    // SAFETY: kill has no memory preconditions; the process is the tunnel process this
-    // command's `connect` started, as its command line shows.
+    // SAFETY: kill has no memory preconditions. The PID comes from the state file, and its
+    // command line contains `tunnel-process`, so it is a tunnel process of `connect`.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         bail!("failed to stop process {}: {}", state.pid, std::io::Error::last_os_error());
     }
+
     let start = Instant::now();
     while process_alive(state.pid) {
         if start.elapsed() > STOP_TIMEOUT {
@@ -498,7 +529,8 @@ pub fn disconnect(args: DisconnectArgs) -> Result<()> {
 
 /// Runs `sag-agent client-config`.
 pub fn client_config(args: ClientConfigArgs) -> Result<()> {
-    // The files hold the private key: nothing this command writes is for other users.
+    // The configuration and the QR code contain the private key, so nothing this command
+    // writes may be readable by other users.
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0o077) };
     let (keys, reply, _) = log_in(&args.login, true)?;

@@ -10,11 +10,13 @@ use tracing::info;
 use crate::{
     admin::Admin,
     api,
+    billing::Billing,
     clock::{Clock, SystemClock},
     config::Config,
     gateway::{Gateway, GatewaySettings},
     history::Recorder,
     kernel::KernelSync,
+    lifecycle::{Enforcement, Lifecycle},
     login_api,
     metrics::{self, MetricsSource},
     notify::Mailer,
@@ -57,7 +59,7 @@ async fn serve(config: Config) -> Result<()> {
     let store = Store::open_sqlite(&config.store_path()).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let admin = Admin::new(store.clone(), clock.clone(), config.agent.max_bandwidth_kbps);
-    let mailer = Mailer::new(&config.mail()).context("invalid [mail] configuration")?;
+    let mailer = Arc::new(Mailer::new(&config.mail()).context("invalid [mail] configuration")?);
     let kernel = KernelSync::load(&config.agent.pin_dir).context("failed to load the dataplane")?;
     kernel
         .apply_all(&admin)
@@ -120,6 +122,13 @@ async fn serve(config: Config) -> Result<()> {
     ));
     let recorder =
         tokio::spawn(Recorder::new(admin.clone(), kernel.clone(), clock_for_history).run());
+    let billing = Billing::new(store.clone(), clock.clone());
+    let enforcement = Enforcement { kernel: kernel.clone(), gateway: gateway.clone() };
+    let lifecycle = Arc::new(
+        Lifecycle::new(admin.clone(), billing.clone(), mailer.clone(), clock.clone())
+            .with_enforcement(enforcement),
+    );
+    let lifecycle_runs = tokio::spawn(lifecycle.clone().run());
     info!(
         store = %config.store_path().display(),
         login_fingerprint = identity.fingerprint,
@@ -128,14 +137,17 @@ async fn serve(config: Config) -> Result<()> {
     let state = api::AppState {
         admin,
         kernel,
-        mailer: Arc::new(mailer),
+        mailer: mailer.clone(),
         login_server: config.agent.login_server.clone(),
         gateway: gateway.clone(),
         login_fingerprint: identity.fingerprint,
+        billing,
+        lifecycle,
     };
     api::serve(listener, state, socket.clone(), until_stopped(stopped)).await?;
     expiry.abort();
     recorder.abort();
+    lifecycle_runs.abort();
     gateway.shutdown().await;
     store.close().await;
     let _ = std::fs::remove_file(&socket);

@@ -4,10 +4,13 @@
 //! line, 3 invalid value, 4 not found, 5 conflict or refused.
 
 mod admin;
+mod billing;
 mod client;
 mod daemon;
 mod dataplane;
+mod monitor;
 mod table;
+mod traffic;
 
 use std::path::PathBuf;
 
@@ -44,6 +47,12 @@ enum Command {
     Network(admin::NetworkCommand),
     /// Create, list and change client accounts.
     Account(admin::AccountCommand),
+    /// Bills: monthly reports, packages, payments, statements and owners' notice addresses.
+    Billing(billing::BillingCommand),
+    /// Show an instance's or account's traffic history: the eight monitoring figures.
+    Monitor(monitor::MonitorArgs),
+    /// Show the live traffic of an instance's accounts: rates, totals and drops by reason.
+    Traffic(traffic::TrafficArgs),
     /// Inspect and drive the kernel programs directly.
     #[command(subcommand)]
     Dataplane(dataplane::DataplaneCommand),
@@ -73,7 +82,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Instance(command) => admin::run_instance(command),
         Command::Network(command) => admin::run_network(command),
         Command::Account(command) => admin::run_account(command),
+        Command::Billing(command) => billing::run(command),
+        Command::Monitor(args) => monitor::run(args),
         Command::Dataplane(command) => dataplane::run(command),
+        Command::Traffic(args) => traffic::run(args),
         Command::Connect(args) => client::connect(args),
         Command::Disconnect(args) => client::disconnect(args),
         Command::ClientConfig(args) => client::client_config(args),

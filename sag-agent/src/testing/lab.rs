@@ -1,13 +1,16 @@
-//! A whole box in network namespaces, for tunnel tests, the tunnel bench and the demo: the
-//! gateway namespace running `sag-agent run` from a real configuration file, a company network
-//! with a server, and remote users that reach the gateway over veth links.
+//! A whole box in network namespaces, for end-to-end tests and the demo.
+//!
+//! The gateway namespace runs `sag-agent run` from a real configuration file. Behind it is a
+//! company network with a server, and remote users reach the gateway over veth links:
 //!
 //! ```text
-//!  user i (203.0.113.4i+2/30) ── veth ── gateway (203.0.113.4i+1/30)
-//!                                        gateway (198.18.0.1/24) ── veth ── company (198.18.0.2)
+//! user i    203.0.113.(4i+2)/30 ── veth ── 203.0.113.(4i+1)/30  gateway
+//! company   198.18.0.2/24       ── veth ── 198.18.0.1/24        gateway
 //! ```
+//!
 //! The login API and the WireGuard ports listen on 203.0.113.1, which every user reaches
-//! through its own link. Everything is deleted when the lab is dropped.
+//! through its own link. Dropping the lab disconnects each user's `connect` tunnel, stops the
+//! agent, and deletes the namespaces, the lab directory and the pinned maps.
 
 use std::{
     net::Ipv4Addr,
@@ -20,29 +23,33 @@ use anyhow::{bail, Context as _, Result};
 
 use super::netns::{run, unique_name, veth_pair, Netns};
 
-/// The company server.
+/// Address of the company server.
 pub const COMPANY_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-/// The company network, which the lab's instance may reach.
+/// Company network, which clients of the lab's instance may reach.
 pub const COMPANY_NETWORK: &str = "198.18.0.0/24";
-/// The client address block of the lab's instance.
+/// Client address block of the lab's instance.
 pub const CLIENT_BLOCK: &str = "10.77.0.0/24";
-/// The gateway address that users log in to and send WireGuard to.
+/// Gateway address that users log in to and send WireGuard traffic to.
 pub const GATEWAY_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// Port of the login API.
 pub const LOGIN_PORT: u16 = 8443;
-/// Time the agent has to open its admin socket.
+/// Maximum wait for the agent to open its admin socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A box in namespaces with a running agent.
 pub struct Lab {
-    /// `sag-agent`, as built for the test.
+    /// Path of the `sag-agent` binary under test.
     pub binary: PathBuf,
+    /// Namespace of the gateway, where the agent runs.
     pub gateway: Netns,
+    /// Namespace of the company server.
     pub company: Netns,
+    /// Namespaces of the remote users, indexed by user number.
     pub users: Vec<Netns>,
-    /// Holds the configuration, the state directory, the admin socket and the users' run
-    /// directories.
+    /// Temporary directory that contains the configuration, the state directory, the admin
+    /// socket, the agent log, the password files and the users' run directories.
     pub dir: PathBuf,
+    /// Directory under /sys/fs/bpf where the agent pins its maps.
     pub pin_dir: PathBuf,
     agent: std::sync::Mutex<Option<Child>>,
 }
@@ -53,6 +60,7 @@ impl Lab {
     /// # Errors
     /// Fails if a namespace, link or the agent cannot be set up.
     pub fn start(binary: &Path, users: u8) -> Result<Self> {
+        // Gateway and company server.
         let gateway = Netns::new("lgw")?;
         let company = Netns::new("lco")?;
         let inside = unique_name("lgc");
@@ -63,6 +71,8 @@ impl Lab {
         company.ip(&["addr", "add", &format!("{COMPANY_SERVER}/24"), "dev", &server_end])?;
         company.ip(&["link", "set", &server_end, "up"])?;
         company.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
+
+        // Users, each on its own /30 link to the gateway.
         let mut user_namespaces = Vec::new();
         for n in 0..users {
             let user = Netns::new("lus")?;
@@ -75,6 +85,7 @@ impl Lab {
             gateway.ip(&["link", "set", &gateway_end, "up"])?;
             user.ip(&["addr", "add", &format!("{user_address}/30"), "dev", &user_end])?;
             user.ip(&["link", "set", &user_end, "up"])?;
+            // User 0's link already contains GATEWAY_PUBLIC, and the others need a route to it.
             if n > 0 {
                 user.ip(&[
                     "route",
@@ -86,17 +97,20 @@ impl Lab {
             }
             user_namespaces.push(user);
         }
+
+        // Agent configuration, with the shortest idle time the agent accepts.
         let dir = std::env::temp_dir().join(unique_name("sag-lab-"));
         std::fs::create_dir_all(&dir)?;
         let pin_dir = Path::new("/sys/fs/bpf").join(unique_name("sag-lab-"));
         let config = format!(
             "[agent]\nstate_dir = \"{0}/state\"\nsocket = \"{0}/agent.sock\"\npin_dir = \"{1}\"\n\
              login_server = \"{GATEWAY_PUBLIC}:{LOGIN_PORT}\"\n\
-             login_listen = \"0.0.0.0:{LOGIN_PORT}\"\nsession_idle_s = 60\n",
+             login_listen = \"0.0.0.0:{LOGIN_PORT}\"\nsession_idle_s = 240\n",
             dir.display(),
             pin_dir.display()
         );
         std::fs::write(dir.join("agent.toml"), config)?;
+
         let lab = Self {
             binary: binary.to_owned(),
             gateway,
@@ -113,7 +127,7 @@ impl Lab {
     /// Starts `sag-agent run` in the gateway namespace and waits for its admin socket.
     ///
     /// # Errors
-    /// Fails if the agent exits or its socket does not open in time.
+    /// Fails if the agent exits or does not open its socket within [`START_TIMEOUT`].
     pub fn start_agent(&self) -> Result<()> {
         let log = std::fs::File::create(self.dir.join("agent.log"))?;
         let child = Command::new("nsenter")
@@ -140,12 +154,12 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops the agent with SIGTERM and waits for it.
+    /// Stops the agent with SIGTERM, and kills it if it has not exited within 10 s.
     pub fn stop_agent(&self) {
-        let taken = self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-        if let Some(mut child) = taken {
+        let agent = self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(mut child) = agent {
             if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: kill has no memory preconditions; the process is this lab's agent.
+                // SAFETY: kill has no memory preconditions. The process is this lab's agent.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -157,18 +171,23 @@ impl Lab {
         }
     }
 
-    /// Returns what the agent logged so far.
+    /// Returns the agent's log output so far.
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
-    /// Returns the admin socket.
+    /// Returns the process ID of the running agent.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().map(Child::id)
+    }
+
+    /// Returns the path of the admin socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }
 
-    /// Runs an admin command of `sag-agent` (with `--socket`), and returns its output,
-    /// failing on a non-zero exit.
+    /// Runs an admin command of `sag-agent` against the lab's socket and returns its standard
+    /// output.
     ///
     /// # Errors
     /// Fails with the command's standard error if it exits non-zero.
@@ -180,10 +199,10 @@ impl Lab {
     }
 
     /// Creates an instance whose clients get addresses from [`CLIENT_BLOCK`] and may reach
-    /// [`COMPANY_NETWORK`], and returns its ID and the login fingerprint.
+    /// [`COMPANY_NETWORK`], and returns its ID and the fingerprint of its login certificate.
     ///
     /// # Errors
-    /// Fails if a command fails.
+    /// Fails if an admin command fails or its JSON output has no ID or no fingerprint.
     pub fn create_instance(&self) -> Result<(String, String)> {
         let output = self.admin(&[
             "instance",
@@ -209,19 +228,20 @@ impl Lab {
             "--dns-active",
             "198.18.0.53",
         ])?;
-        let shown: serde_json::Value =
+        let details: serde_json::Value =
             serde_json::from_str(&self.admin(&["instance", "show", &id, "--json"])?)?;
-        let fingerprint = shown["instance"]["login_fingerprint"]
+        let fingerprint = details["instance"]["login_fingerprint"]
             .as_str()
             .context("fingerprint in the reply")?
             .to_owned();
         Ok((id, fingerprint))
     }
 
-    /// Creates an account with a password kept in a file of the lab, and returns that file.
+    /// Creates an account with the password `Pw_USERNAME_2026`, written to a file in the lab
+    /// directory, and returns the path of that file.
     ///
     /// # Errors
-    /// Fails if the command fails.
+    /// Fails if the password file cannot be written or the admin command fails.
     pub fn create_account(
         &self,
         instance: &str,
@@ -255,8 +275,9 @@ impl Lab {
         Ok(password_file)
     }
 
-    /// Runs `sag-agent` with `args` inside user `n`'s namespace (through nsenter, which keeps
-    /// the mounts) and returns its output, whatever its exit status.
+    /// Runs `sag-agent` with `args` in user `n`'s namespace and returns its output, whatever its
+    /// exit status. It enters only the network namespace, through nsenter, so the mounts stay
+    /// those of the test.
     ///
     /// # Errors
     /// Fails if the process cannot be started.
@@ -270,8 +291,8 @@ impl Lab {
             .context("failed to run sag-agent as a user")
     }
 
-    /// Returns the arguments that log user `n` in as `username`, for `connect` and
-    /// `client-config`.
+    /// Returns the login arguments of `connect` and `client-config` for `username`, with the
+    /// password file that [`Lab::create_account`] wrote.
     pub fn login_args(&self, fingerprint: &str, instance: &str, username: &str) -> Vec<String> {
         vec![
             "--server".to_owned(),
@@ -292,10 +313,12 @@ impl Lab {
         self.dir.join(format!("user{n}"))
     }
 
-    /// Connects user `n` with `sag-agent connect` and returns its output line.
+    /// Connects user `n` with `sag-agent connect` and returns its standard output, trimmed.
+    /// DNS changes go to a resolver file of the user in the lab directory, not to the machine's
+    /// /etc/resolv.conf. That file is created with `nameserver 192.0.2.53` if it is missing.
     ///
     /// # Errors
-    /// Fails with the command's error output if it does not connect.
+    /// Fails with the command's standard error if it exits non-zero.
     pub fn connect(
         &self,
         n: usize,
@@ -320,10 +343,11 @@ impl Lab {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
-    /// Disconnects user `n`.
+    /// Disconnects user `n` with `sag-agent disconnect` and returns its standard output,
+    /// trimmed.
     ///
     /// # Errors
-    /// Fails with the command's error output.
+    /// Fails with the command's standard error if it exits non-zero.
     pub fn disconnect(&self, n: usize) -> Result<String> {
         let run_dir = self.run_dir(n).display().to_string();
         let output = self.user_command(n, &["disconnect", "--run-dir", &run_dir])?;
@@ -336,7 +360,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Tunnel processes of `connect` that a failed test left behind.
+        // Disconnect any `connect` tunnel that a failed test left running in a user's run
+        // directory.
         for n in 0..self.users.len() {
             let _ = self.disconnect(n);
         }
@@ -346,7 +371,7 @@ impl Drop for Lab {
     }
 }
 
-/// Packets and bytes an interface sent and received, from `ip -s -j link`.
+/// Packet and byte counters of an interface, from `ip -s -j link`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LinkStats {
     pub rx_packets: u64,
@@ -355,10 +380,10 @@ pub struct LinkStats {
     pub tx_bytes: u64,
 }
 
-/// Reads the statistics of `interface` in `netns`.
+/// Reads the 64-bit statistics of `interface` in `netns`.
 ///
 /// # Errors
-/// Fails if `ip` fails or prints something else than expected.
+/// Fails if `ip` fails or its JSON output lacks one of the counters.
 pub fn link_stats(netns: &Netns, interface: &str) -> Result<LinkStats> {
     let output = netns.ip(&["-s", "-j", "link", "show", "dev", interface])?;
     let value: serde_json::Value = serde_json::from_str(&output)?;

@@ -9,6 +9,7 @@ pub mod topology;
 pub mod traffic;
 pub mod tun;
 pub mod vlan;
+pub mod wireguard;
 
 /// The test object built from sag-ebpf by this crate's build script: VLAN tagging and the
 /// benchmark's baseline programs.

@@ -1,0 +1,265 @@
+//! The lifecycle enforced in the kernel, end to end: `sag-agent run` in a gateway namespace
+//! (`testing::lab`), a user connected with `sag-agent connect`, and the instance stopped by
+//! the lifecycle engine. Its client's packets are dropped as `blocked`, its logins are refused,
+//! and a renewal lets the traffic through again. A second test drives the billing commands
+//! through the same running agent.
+//!
+//! The agent reads the system clock, so the test moves the expiry time instead of the clock.
+//! The hidden admin command `instance set-expiry` puts it 15 days and a minute in the past.
+//! Then `instance lifecycle-run` runs the engine at once, instead of within its next minute.
+//!
+//! The test needs root, and ping and nsenter.
+
+use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
+
+use chrono::Utc;
+use sag_agent::{
+    dataplane::PinnedCounters,
+    testing::{
+        lab::{Lab, COMPANY_SERVER, GATEWAY_PUBLIC, LOGIN_PORT},
+        netns::{unique_name, Netns},
+    },
+};
+use sag_common::counters::ClientCounters;
+use serde_json::Value;
+
+/// Returns the kernel counters of `address`, or `None` if it is not a client in the kernel.
+fn counters(lab: &Lab, address: Ipv4Addr) -> Option<ClientCounters> {
+    PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().get(&address).copied()
+}
+
+/// Returns the address in a "Connected to intranet as ADDRESS (...)" line.
+fn connected_address(line: &str) -> Ipv4Addr {
+    let rest = line.strip_prefix("Connected to intranet as ").unwrap_or_else(|| panic!("{line}"));
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// Pings the company server from `netns` `count` times with `size` bytes of payload and
+/// returns the number of replies.
+fn ping(netns: &Netns, count: u32, size: u32) -> u32 {
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", "0.2", "-W", "2"])
+        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let summary = text.lines().find(|line| line.contains("received")).unwrap_or_else(|| {
+        panic!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr))
+    });
+    summary.split(", ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+}
+
+/// Waits 500 ms so that packets in flight arrive before counters are compared.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn stopped_instance_blocked_until_renewed() {
+    let lab =
+        Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), 1).expect("lab starts (as root)");
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "kim-lifecycle", 2_000, None).unwrap();
+    let address =
+        connected_address(&lab.connect(0, &fingerprint, &instance, "kim-lifecycle").unwrap());
+    assert_eq!(ping(&lab.users[0], 3, 100), 3);
+
+    // The expiry 15 days and a minute ago: the engine stops the instance when it runs.
+    let expired = (Utc::now() - chrono::Duration::days(15) - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    lab.admin(&["instance", "set-expiry", &instance, "--expires-at", &expired]).unwrap();
+    let report: Value =
+        serde_json::from_str(&lab.admin(&["instance", "lifecycle-run", "--json"]).unwrap())
+            .unwrap();
+    let transitions = report["transitions"].as_array().unwrap();
+    let stopped = transitions.iter().find(|t| t["instance_id"] == instance.as_str());
+    let stopped = stopped.unwrap_or_else(|| panic!("no transition of {instance}: {report:#}"));
+    assert_eq!(stopped["from"], "running");
+    assert_eq!(stopped["to"], "stopped");
+    let details: Value =
+        serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(details["instance"]["state"], "stopped");
+
+    // Every packet of the client is dropped in the kernel as blocked, from the first one.
+    let before = counters(&lab, address).unwrap();
+    assert_eq!(ping(&lab.users[0], 5, 100), 0);
+    settle();
+    let after = counters(&lab, address).unwrap();
+    assert_eq!(after.rx_dropped.blocked.packets - before.rx_dropped.blocked.packets, 5);
+    assert_eq!(after.rx_dropped.blocked.bytes - before.rx_dropped.blocked.bytes, 5 * 128);
+    assert_eq!(after.rx_packets, before.rx_packets, "nothing passed");
+    assert_eq!(after.tx_packets, before.tx_packets, "nothing came back");
+
+    // A new login is refused, with the state in the message.
+    let password = lab.dir.join("kim-lifecycle.password");
+    let run_dir = lab.dir.join(unique_name("run")).display().to_string();
+    let output = lab
+        .user_command(
+            0,
+            &[
+                "connect",
+                "--server",
+                &format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
+                "--fingerprint",
+                &fingerprint,
+                "--instance",
+                &instance,
+                "--username",
+                "kim-lifecycle",
+                "--password-file",
+                password.to_str().unwrap(),
+                "--run-dir",
+                &run_dir,
+                "--no-dns",
+            ],
+        )
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("instance {instance} is stopped")), "{stderr}");
+
+    // A renewal by a month brings the expiry 15 days ahead, and the traffic back at once.
+    let order: Value = serde_json::from_str(
+        &lab.admin(&["instance", "renew", &instance, "--months", "1", "--json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(order["instance"]["state"], "running", "{order:#}");
+    assert_eq!(order["charge"]["kind"], "renewal");
+    assert_eq!(order["charge"]["amount_cents"], 3_480);
+    let before = counters(&lab, address).unwrap();
+    assert_eq!(ping(&lab.users[0], 3, 100), 3);
+    settle();
+    let after = counters(&lab, address).unwrap();
+    assert_eq!(after.rx_packets - before.rx_packets, 3);
+    assert_eq!(after.rx_dropped.blocked.packets, before.rx_dropped.blocked.packets);
+
+    // Released 30 days after the expiry: the client is gone from the kernel, and a login is
+    // refused with the release, not as an unknown instance.
+    let released = (Utc::now() - chrono::Duration::days(30) - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    lab.admin(&["instance", "set-expiry", &instance, "--expires-at", &released]).unwrap();
+    lab.admin(&["instance", "lifecycle-run", "--json"]).unwrap();
+    assert_eq!(counters(&lab, address), None);
+    let output = lab
+        .user_command(
+            0,
+            &[
+                "connect",
+                "--server",
+                &format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
+                "--fingerprint",
+                &fingerprint,
+                "--instance",
+                &instance,
+                "--username",
+                "kim-lifecycle",
+                "--password-file",
+                password.to_str().unwrap(),
+                "--run-dir",
+                &lab.dir.join(unique_name("run")).display().to_string(),
+                "--no-dns",
+            ],
+        )
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let today = Utc::now().format("%Y-%m-%d");
+    assert!(
+        stderr.contains(&format!(
+            "instance {instance} was released on {today}: its configuration and accounts are \
+             deleted"
+        )),
+        "{stderr}"
+    );
+}
+
+/// Runs an admin command that must fail, and returns its error output.
+fn admin_error(lab: &Lab, args: &[&str]) -> String {
+    let error = lab.admin(args).expect_err("the command should fail");
+    format!("{error:#}")
+}
+
+#[test]
+fn billing_commands_through_the_agent() {
+    let lab =
+        Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), 0).expect("lab starts (as root)");
+    // An owner name that needs encoding in a query string.
+    let owner = "Acme & Co/EU";
+    let create = ["instance", "create", "--owner", owner, "--area", "cn-hangzhou"];
+    let created: Value = serde_json::from_str(
+        &lab.admin(&[&create[..], &["--quota", "10", "--months", "2", "--json"]].concat()).unwrap(),
+    )
+    .unwrap();
+    let id = created[0]["id"].as_str().unwrap().to_owned();
+    let month = Utc::now().format("%Y-%m").to_string();
+
+    lab.admin(&["billing", "contact", "--owner", owner, "--email", "billing@acme.example"])
+        .unwrap();
+    let contact: Value = serde_json::from_str(
+        &lab.admin(&["billing", "contact", "--owner", owner, "--json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(contact["email"], "billing@acme.example");
+    let package: Value = serde_json::from_str(
+        &lab.admin(&["billing", "package", "buy", "50", "--owner", owner, "--json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(package[0]["price_cents"], 12_300);
+    let packages: Value = serde_json::from_str(
+        &lab.admin(&["billing", "package", "list", "--owner", owner, "--json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(packages.as_array().unwrap().len(), 1);
+
+    let csv = lab.admin(&["billing", "report", "--month", &month, "--owner", owner, "--csv"]);
+    let csv = csv.unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "month,owner,instance,zone,item,quantity,unit,amount_usd",
+            &format!("{month},Acme & Co/EU,{id},MainlandChina,subscription,2,months,139.20"),
+            &format!("{month},Acme & Co/EU,,,package,50,GB,123.00"),
+            &format!("{month},Acme & Co/EU,,,total,0,,262.20"),
+        ]
+    );
+    let report: Value = serde_json::from_str(
+        &lab.admin(&["billing", "report", "--month", &month, "--owner", owner, "--json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["owners"][0]["total_cents"], 26_220);
+    let table = lab.admin(&["billing", "report", "--month", &month]).unwrap();
+    assert!(table.contains("subscription"), "{table}");
+
+    // No statement before the month ends, and the order rules through the API.
+    let statements: Value = serde_json::from_str(
+        &lab.admin(&["billing", "statements", "--owner", owner, "--json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(statements, serde_json::json!([]));
+    let pay = ["billing", "pay", "--owner", owner, "--month", &month, "--amount", "262.20"];
+    let error = admin_error(&lab, &pay);
+    assert!(error.contains("exit status: 4"), "{error}");
+    assert!(error.contains("statement of owner \"Acme & Co/EU\""), "{error}");
+    let error = admin_error(&lab, &["instance", "upgrade", &id, "--quota", "12"]);
+    assert!(error.contains("exit status: 3"), "{error}");
+    assert!(error.contains("must be a multiple of 5"), "{error}");
+    let order: Value =
+        serde_json::from_str(&lab.admin(&["instance", "auto-renew", &id, "on", "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(order["instance"]["auto_renew"], true);
+    let order: Value = serde_json::from_str(
+        &lab.admin(&["instance", "modify", &id, "--months", "1", "--quota", "5", "--json"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(order["quota_change"]["account_quota"], 5);
+    assert_eq!(order["charge"]["amount_cents"], 3_480);
+
+    let dubai = ["instance", "create", "--owner", "desert", "--area", "me-east-1", "--quota", "5"];
+    lab.admin(&dubai).unwrap();
+    let error = admin_error(&lab, &["billing", "package", "buy", "10", "--owner", "desert"]);
+    assert!(error.contains("exit status: 5"), "{error}");
+    assert!(error.contains("packages are not sold in Dubai"), "{error}");
+}
