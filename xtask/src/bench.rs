@@ -10,6 +10,9 @@ pub enum Suite {
     /// Per-packet cost of each program against a parse-only baseline, and forwarding rate
     /// with and without the programs.
     Dataplane,
+    /// TCP throughput from a wireguard-go client through a gotatun gateway with the programs
+    /// and without them, and through a wireguard-go gateway.
+    Tunnel,
 }
 
 #[derive(Debug, Args)]
@@ -38,6 +41,7 @@ pub fn run(options: &Options) -> Result<()> {
     let binary = crate::workspace_root().join("target/release/examples/bench");
     let suite = match options.suite {
         Suite::Dataplane => "dataplane",
+        Suite::Tunnel => "tunnel",
     };
     crate::run(Command::new(binary).arg(suite))
 }

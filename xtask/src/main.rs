@@ -30,7 +30,8 @@ enum Job {
     Test(test::Options),
     /// Show the kernel programs counting real traffic in a namespace topology. Needs root.
     Demo(demo::Options),
-    /// Measure the kernel programs as ratios against baselines of the same run. Needs root.
+    /// Measure the kernel programs (`dataplane`) and the tunnel throughput (`tunnel`) as ratios
+    /// against baselines of the same run. Needs root.
     Bench(bench::Options),
 }
 
