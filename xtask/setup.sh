@@ -6,13 +6,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 bpf_linker_version=0.13.0
+cargo_deb_version=3.8.0
 llvm_prefix=/usr/lib/llvm-22
 # Debian packages: LLVM 22 for bpf-linker, then the tools that the kernel and tunnel tests run.
 # `--no-install-recommends` keeps wireguard-tools from pulling in a kernel package.
 packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   iproute2 iputils-ping ethtool bpftool tcpdump iperf3 wireguard-tools wireguard-go prometheus
-  python3-aiosmtpd
+  python3-aiosmtpd systemd
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -60,6 +61,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$bpf_linker_version"; then
   # Without LLVM_PREFIX the build finds LLVM 14's llvm-config and fails to link -lLLVM.
   LLVM_PREFIX=$llvm_prefix cargo install "bpf-linker@$bpf_linker_version" --locked \
     --no-default-features --features llvm-22
+fi
+
+# `cargo deb` builds the Debian package; the tests build it too.
+if ! cargo deb --version 2>/dev/null | grep -q "$cargo_deb_version"; then
+  log "installing cargo-deb $cargo_deb_version (about 2.5 minutes)"
+  cargo install "cargo-deb@$cargo_deb_version" --locked
 fi
 
 if ! mountpoint -q /sys/fs/bpf; then

@@ -1,182 +1,302 @@
-//! Demo of the kernel accounting and rate limiting: three clients exchange traffic through a
-//! gateway namespace while `sag-agent dataplane watch` prints their live counters, and the
-//! fastest is held at its limit. Run through
-//! `cargo xtask demo`, as root.
+//! The whole product on real traffic: a gateway box, a company network and two remote users in
+//! network namespaces. The agent runs from a real configuration file; the demo drives it
+//! through its CLI as an admin would, connects one user with `sag-agent connect` and one with
+//! wireguard-go from an exported configuration, runs iperf3 and ping through the tunnels, and
+//! shows what the box sees. Run through `cargo xtask demo [--keep]`, as root.
 //!
 //! All traffic stays inside the namespaces this program creates, and every generator stops
-//! after a fixed time and packet count. Everything is removed on exit.
+//! after a fixed time. Everything is removed on exit, unless `--keep` is given.
 
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
-    process::Command,
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _, Result};
 use sag_agent::{
     dataplane::PinnedCounters,
     testing::{
-        frames::udp,
-        netns::unique_name,
-        topology::{bind_udp, client_address, udp_echo, TunTopology, LAN_SERVER},
+        lab::{Lab, COMPANY_SERVER},
+        netns::Netns,
+        wireguard::WireguardGo,
     },
 };
+use sag_common::counters::InterfaceKind;
 
-const ECHO_PORT: u16 = 7;
-/// How long the clients send.
-const TRAFFIC_TIME: Duration = Duration::from_secs(6);
-/// Limit of every client, each way, in kbit/s: below the first client's rate only.
-const RATE_KBPS: u32 = 500;
-
-/// One client's traffic: a datagram of `payload` bytes every `gap`.
-struct Flow {
-    client: Ipv4Addr,
-    payload: usize,
-    gap: Duration,
-}
+/// Bandwidth of the fast user, each way, in kbit/s.
+const FAST_KBPS: u32 = 2_000;
+/// Bandwidth of the slow user, each way, in kbit/s.
+const SLOW_KBPS: u32 = 256;
+/// How long iperf3 runs, in seconds.
+const TRAFFIC_SECONDS: u32 = 12;
 
 fn main() -> Result<()> {
-    let agent =
-        std::env::args().nth(1).map(PathBuf::from).context("usage: demo PATH-TO-SAG-AGENT")?;
-    let topology = TunTopology::new()?;
-    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("sag-demo-"));
-    let result = run(&agent, &topology, &pin_dir);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    drop(topology);
-    println!("removed the demo's namespaces, interfaces and pinned maps");
-    result
+    let mut args = std::env::args().skip(1);
+    let binary =
+        args.next().map(PathBuf::from).context("usage: demo PATH-TO-SAG-AGENT [--keep]")?;
+    let keep = args.any(|arg| arg == "--keep");
+    heading("Building the box in network namespaces");
+    let lab = Lab::start(&binary, 2)?;
+    println!("gateway namespace   {}  (sag-agent run, WireGuard, programs)", lab.gateway.name());
+    println!("company namespace   {}  (server {COMPANY_SERVER})", lab.company.name());
+    for (n, user) in lab.users.iter().enumerate() {
+        println!("user {n} namespace    {}", user.name());
+    }
+    println!("\nagent configuration {}:", lab.dir.join("agent.toml").display());
+    print!("{}", std::fs::read_to_string(lab.dir.join("agent.toml"))?);
+    let result = run(&lab, keep);
+    if keep {
+        print_keep_help(&lab, result.as_ref().ok().map(WireguardGo::pid));
+        // The lab and bob's wireguard-go stay up; the printed commands remove them.
+        std::mem::forget(result);
+        std::mem::forget(lab);
+        return Ok(());
+    }
+    let outcome = result.map(drop);
+    drop(lab);
+    println!("\nremoved the demo's namespaces, processes, files and pinned maps");
+    outcome
 }
 
-fn run(agent: &PathBuf, topology: &TunTopology, pin_dir: &PathBuf) -> Result<()> {
-    let flows = [
-        Flow { client: client_address(0), payload: 1_172, gap: Duration::from_millis(10) },
-        Flow { client: client_address(1), payload: 472, gap: Duration::from_millis(20) },
-        Flow { client: client_address(2), payload: 72, gap: Duration::from_millis(50) },
-    ];
-    println!("gateway namespace {} with tunnel {}", topology.gateway.name(), topology.tun_name());
-    println!(
-        "company network namespace {} with a UDP echo server at {LAN_SERVER}:{ECHO_PORT}",
-        topology.lan.name()
-    );
-    for flow in &flows {
-        let kbits = (flow.payload + 28) as f64 * 8.0 / flow.gap.as_secs_f64() / 1_000.0;
-        println!(
-            "client {} sends {}-byte IP packets every {} ms ({kbits:.0} kbit/s each way)",
-            flow.client,
-            flow.payload + 28,
-            flow.gap.as_millis()
-        );
-    }
-    println!(
-        "every client is limited to {RATE_KBPS} kbit/s each way, so the first one is held there"
-    );
-    println!();
+fn heading(title: &str) {
+    println!("\n=== {title}");
+}
 
-    let mut watch = Command::new("nsenter");
-    watch.arg(format!("--net=/run/netns/{}", topology.gateway.name())).arg(agent);
-    watch.args([
-        "dataplane",
-        "watch",
-        "--tunnel",
-        topology.tun_name(),
-        "--interval",
-        "1",
-        "--count",
-        "8",
-        "--rate-kbps",
-        &RATE_KBPS.to_string(),
-    ]);
-    watch.arg("--pin-dir").arg(pin_dir);
-    for flow in &flows {
-        watch.args(["--client", &flow.client.to_string()]);
-    }
-    let mut watcher = watch.spawn().context("failed to start sag-agent dataplane watch")?;
-    std::thread::sleep(Duration::from_millis(500));
+/// Prints an admin command as typed, runs it, and prints its output.
+fn admin(lab: &Lab, args: &[&str]) -> Result<String> {
+    println!("$ sag-agent {}", args.join(" "));
+    let output = lab.admin(args)?;
+    print!("{output}");
+    Ok(output)
+}
 
-    let sent = send_flows(topology, &flows)?;
-    let status = watcher.wait()?;
-    if !status.success() {
-        bail!("sag-agent dataplane watch exited with {status}");
-    }
+/// Runs the demo on `lab` and returns bob's wireguard-go, which stops when dropped.
+fn run(lab: &Lab, keep: bool) -> Result<WireguardGo> {
+    heading("An admin creates an instance and its network");
+    let output = admin(
+        lab,
+        &["instance", "create", "--owner", "acme", "--area", "eu-central-1", "--quota", "5"],
+    )?;
+    let instance = output
+        .lines()
+        .nth(1)
+        .and_then(|line| line.split_whitespace().next())
+        .context("instance ID in the table")?
+        .to_owned();
+    admin(
+        lab,
+        &[
+            "network",
+            "set",
+            &instance,
+            "--ccn-name",
+            "office-net",
+            "--cidr-block",
+            "10.77.0.0/24",
+            "--allow",
+            "198.18.0.0/24",
+            "--dns-active",
+            "198.18.0.53",
+        ],
+    )?;
+    let shown = admin(lab, &["instance", "show", &instance])?;
+    let fingerprint = shown
+        .lines()
+        .find_map(|line| line.strip_prefix("login fingerprint"))
+        .map(|rest| rest.trim().to_owned())
+        .context("fingerprint in instance show")?;
 
-    let counted = PinnedCounters::open(pin_dir)?.clients()?;
+    heading("Two accounts: alice at 2,000 kbit/s, bob at 256 kbit/s");
+    for (username, kbps) in [("alice.demo", FAST_KBPS), ("bob.demo1", SLOW_KBPS)] {
+        let file = lab.dir.join(format!("{username}.password"));
+        std::fs::write(&file, format!("Pw_{username}_2026\n"))?;
+        admin(
+            lab,
+            &[
+                "account",
+                "create",
+                &instance,
+                "--username",
+                username,
+                "--email",
+                &format!("{username}@example.com"),
+                "--bandwidth",
+                &kbps.to_string(),
+                "--password-file",
+                &file.display().to_string(),
+            ],
+        )?;
+    }
+    let outbox = lab.dir.join("state/outbox");
+    println!("(the credentials emails are in {}, since no SMTP relay is set)", outbox.display());
+
+    heading("alice connects with `sag-agent connect`");
+    println!("$ sag-agent connect --server 203.0.113.1:8443 --fingerprint {fingerprint} \\");
+    println!("      --instance {instance} --username alice.demo");
+    println!("{}", lab.connect(0, &fingerprint, &instance, "alice.demo")?);
+
+    heading("bob imports an exported configuration into wireguard-go");
+    let config = lab.dir.join("bob.conf");
+    let mut args = vec!["client-config".to_owned()];
+    args.extend(lab.login_args(&fingerprint, &instance, "bob.demo1"));
+    args.extend(["--out".to_owned(), config.display().to_string(), "--qr".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    println!("$ sag-agent client-config ... --username bob.demo1 --out bob.conf --qr");
+    let output = lab.user_command(1, &args)?;
+    if !output.status.success() {
+        bail!("client-config failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+    let wireguard = WireguardGo::start(&lab.users[1], &config)?;
+    ping(&lab.users[1], 3)?;
+    println!("Connected to intranet: bob's wireguard-go reaches {COMPANY_SERVER}");
+
+    heading(&format!("Both send TCP to the company server for {TRAFFIC_SECONDS} s (iperf3)"));
+    let servers = [iperf3_server(&lab.company, 5301)?, iperf3_server(&lab.company, 5302)?];
+    std::thread::sleep(Duration::from_millis(300));
+    let clients = [iperf3_client(&lab.users[0], 5301)?, iperf3_client(&lab.users[1], 5302)?];
+    std::thread::sleep(Duration::from_secs(2));
+    println!("live, as `sag-agent traffic` prints it (bob is held at {SLOW_KBPS} kbit/s):");
+    admin(lab, &["traffic", &instance, "--count", "6"])?;
+    for client in clients {
+        let output = client.wait_with_output()?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON report")?;
+        let goodput = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+        println!("iperf3 goodput: {:.0} kbit/s", goodput / 1_000.0);
+    }
+    drop(servers);
+
+    heading("Drop counters by reason, from the pinned kernel maps");
+    let pinned = PinnedCounters::open(&lab.pin_dir)?;
     println!(
-        "{:<15} {:>14} {:>14} {:>14} {:>14} {:>14}",
-        "CLIENT", "RX BYTES SENT", "RX PASSED", "RX DROPPED", "TX PASSED", "TX DROPPED"
+        "{:<12} {:>10} {:>10} {:>12} {:>10}",
+        "CLIENT", "DIRECTION", "RATE LIMIT", "NOT ALLOWED", "BLOCKED"
     );
-    let mut exact = true;
-    for (client, sent_bytes) in &sent {
-        let got = counted.get(client).copied().unwrap_or_default();
-        let rx_dropped = got.rx_dropped.rate_limit.bytes;
-        let tx_dropped = got.tx_dropped.rate_limit.bytes;
-        // Every byte sent was passed or dropped, and every byte passed came back as an echo.
-        exact &= got.rx_bytes + rx_dropped == *sent_bytes;
-        exact &= got.tx_bytes + tx_dropped == got.rx_bytes;
-        println!(
-            "{:<15} {:>14} {:>14} {:>14} {:>14} {:>14}",
-            client.to_string(),
-            sent_bytes,
-            got.rx_bytes,
-            rx_dropped,
-            got.tx_bytes,
-            tx_dropped
-        );
+    for (address, counters) in pinned.clients()? {
+        for (direction, drops) in [("rx", counters.rx_dropped), ("tx", counters.tx_dropped)] {
+            println!(
+                "{:<12} {:>10} {:>10} {:>12} {:>10}",
+                address.to_string(),
+                direction,
+                drops.rate_limit.packets,
+                drops.not_allowed.packets,
+                drops.blocked.packets
+            );
+        }
     }
-    if !exact {
-        bail!("the kernel counters do not add up to the traffic sent");
+    let spoofed: u64 = pinned
+        .interface_counters()?
+        .iter()
+        .filter(|counter| counter.kind == InterfaceKind::Spoofed)
+        .map(|counter| counter.counter.packets)
+        .sum();
+    println!("spoofed packets on the tunnels: {spoofed}");
+
+    heading("History: the agent records every minute");
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let wait = 62 - now % 60;
+    println!("waiting {wait} s for the current minute to be recorded...");
+    std::thread::sleep(Duration::from_secs(wait));
+    admin(lab, &["monitor", &instance, "--range", "1h"])?;
+    let png = lab.dir.join("monitor.png");
+    admin(
+        lab,
+        &["monitor", &instance, "--account", "bob.demo1", "--png", &png.display().to_string()],
+    )?;
+
+    heading("An excerpt of /metrics, as Prometheus scrapes it");
+    let metrics = lab.gateway.exec(&[
+        "/usr/bin/python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9108/metrics').read().decode())",
+    ])?;
+    for line in metrics
+        .lines()
+        .filter(|line| line.starts_with("sag_account_") && line.contains("bob.demo1"))
+        .take(12)
+    {
+        println!("{line}");
     }
-    println!("\nthe kernel accounted for every byte: sent = passed + dropped, echoed = passed");
+    println!("... {} lines in all", metrics.lines().count());
+
+    if !keep {
+        heading("alice disconnects");
+        println!("{}", lab.disconnect(0)?);
+    }
+    Ok(wireguard)
+}
+
+/// Pings the company server `count` times from `netns`.
+fn ping(netns: &Netns, count: u32) -> Result<()> {
+    netns.exec(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &COMPANY_SERVER.to_string(),
+    ])?;
     Ok(())
 }
 
-/// Sends the flows for [`TRAFFIC_TIME`] and drains the echoes from the tunnel. Returns the IP
-/// bytes each client sent.
-fn send_flows(topology: &TunTopology, flows: &[Flow]) -> Result<BTreeMap<Ipv4Addr, u64>> {
-    let max_packets: usize =
-        flows.iter().map(|f| (TRAFFIC_TIME.as_millis() / f.gap.as_millis()) as usize + 1).sum();
-    let socket = bind_udp(&topology.lan, SocketAddrV4::new(LAN_SERVER, ECHO_PORT))?;
-    let echo = udp_echo(socket, max_packets, TRAFFIC_TIME + Duration::from_secs(2));
-    let done = AtomicBool::new(false);
-    let mut sent = BTreeMap::<Ipv4Addr, u64>::new();
-    let mut datagrams = 0u64;
-    let received = std::thread::scope(|scope| -> Result<usize> {
-        let reader = scope.spawn(|| {
-            let mut received = 0;
-            while !done.load(Ordering::Relaxed) || received < max_packets {
-                match topology.tun.recv(Duration::from_millis(500)) {
-                    Ok(Some(_)) => received += 1,
-                    _ if done.load(Ordering::Relaxed) => break,
-                    _ => {}
-                }
-            }
-            received
-        });
-        let start = Instant::now();
-        let mut next: Vec<Instant> = flows.iter().map(|_| start).collect();
-        while start.elapsed() < TRAFFIC_TIME {
-            for (flow, due) in flows.iter().zip(next.iter_mut()) {
-                if Instant::now() >= *due {
-                    let packet =
-                        udp((flow.client, 4000), (LAN_SERVER, ECHO_PORT), &vec![0; flow.payload]);
-                    topology.tun.send(&packet)?;
-                    *sent.entry(flow.client).or_default() += packet.len() as u64;
-                    datagrams += 1;
-                    *due += flow.gap;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Let the last echoes arrive before the reader stops.
-        std::thread::sleep(Duration::from_millis(500));
-        done.store(true, Ordering::Relaxed);
-        Ok(reader.join().expect("reader thread"))
-    })?;
-    let echoed = echo.join().expect("echo thread");
-    println!(
-        "sent {datagrams} datagrams, the server echoed {echoed}, the tunnel returned {received}\n"
-    );
-    Ok(sent)
+/// A one-shot iperf3 server, killed when dropped.
+struct Iperf3Server(Child);
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn iperf3_server(netns: &Netns, port: u16) -> Result<Iperf3Server> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
+        .args(["--port", &port.to_string(), "--bind", &COMPANY_SERVER.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("failed to start iperf3")?;
+    Ok(Iperf3Server(child))
+}
+
+fn iperf3_client(netns: &Netns, port: u16) -> Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", netns.name(), "timeout", "60", "iperf3", "--client"])
+        .args([&COMPANY_SERVER.to_string(), "--port", &port.to_string()])
+        .args(["--time", &TRAFFIC_SECONDS.to_string(), "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("failed to start iperf3")
+}
+
+fn print_keep_help(lab: &Lab, wireguard_pid: Option<u32>) {
+    let dir = &lab.dir;
+    let socket = lab.socket();
+    let agent =
+        |args: &str| format!("{} {args} --socket {}", lab.binary.display(), socket.display());
+    heading("Left running (--keep)");
+    println!("look around:");
+    println!("  {}", agent("instance list"));
+    println!("  {}", agent("traffic <ID> --count 5"));
+    println!("  {}", agent("monitor <ID>"));
+    println!("  ip netns exec {} ping -c 3 {COMPANY_SERVER}", lab.users[1].name());
+    println!("  tail -f {}", dir.join("agent.log").display());
+    println!("clean up:");
+    if let Some(pid) = lab.agent_pid() {
+        println!("  kill {pid}            # the agent");
+    }
+    for netns in [&lab.gateway, &lab.company].into_iter().chain(&lab.users) {
+        println!("  ip netns del {}", netns.name());
+    }
+    println!("  rm -rf {} {}", dir.display(), lab.pin_dir.display());
+    if let Some(pid) = wireguard_pid {
+        println!("  kill {pid}            # bob's wireguard-go");
+    }
+    println!("  rm -f /var/run/wireguard/lwg*.sock");
 }

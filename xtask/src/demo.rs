@@ -10,6 +10,10 @@ pub struct Options {
     /// Skip the setup step, for a machine that is known to be ready.
     #[arg(long)]
     no_setup: bool,
+    /// Leave the namespaces and the agent running, and print how to look around and how to
+    /// remove them.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// Builds the agent and the demo, then runs the demo.
@@ -27,5 +31,10 @@ pub fn run(options: &Options) -> Result<()> {
         "--examples",
     ]))?;
     let target = crate::workspace_root().join("target/release");
-    crate::run(Command::new(target.join("examples/demo")).arg(target.join("sag-agent")))
+    let mut demo = Command::new(target.join("examples/demo"));
+    demo.arg(target.join("sag-agent"));
+    if options.keep {
+        demo.arg("--keep");
+    }
+    crate::run(&mut demo)
 }

@@ -46,7 +46,57 @@ pub fn run(options: &Options) -> Result<()> {
     if totals.failed > 0 || !totals.success {
         bail!("cargo test failed");
     }
+    check_package()
+}
+
+/// Files the Debian package must install.
+const PACKAGE_FILES: [&str; 6] = [
+    "./usr/bin/sag-agent",
+    "./etc/sag/agent.toml",
+    "./usr/lib/systemd/system/sag-agent.service",
+    "./usr/share/sag/prometheus/prometheus.yml",
+    "./usr/share/sag/prometheus/rules.yml",
+    "./usr/share/sag/grafana/sag.json",
+];
+
+/// Builds the Debian package with `cargo deb` and checks its files and configuration files.
+fn check_package() -> Result<()> {
+    let output = Command::new("cargo")
+        .args(["deb", "-p", "sag-agent"])
+        .current_dir(crate::workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("failed to start cargo deb")?;
+    if !output.status.success() {
+        bail!("cargo deb failed with {}", output.status);
+    }
+    // cargo deb prints the path of the package it wrote as its last line.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let package = stdout.lines().last().context("cargo deb printed no package path")?.trim();
+    let listing = command_output("dpkg-deb", &["--contents", package])?;
+    for file in PACKAGE_FILES {
+        if !listing.lines().any(|line| line.ends_with(&format!(" {file}"))) {
+            bail!("the package {package} lacks {file}:\n{listing}");
+        }
+    }
+    let conffiles = command_output("dpkg-deb", &["--info", package, "conffiles"])?;
+    if conffiles.trim() != "/etc/sag/agent.toml" {
+        bail!("the package {package} has conffiles {conffiles:?}, expected /etc/sag/agent.toml");
+    }
+    println!("package: {package} has the agent, its configuration file and unit, and the rules");
     Ok(())
+}
+
+/// Runs a command and returns its standard output, failing if it exits non-zero.
+fn command_output(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("failed to start {program}"))?;
+    if !output.status.success() {
+        bail!("{program} {} failed with {}", args.join(" "), output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 #[derive(Debug, Default)]
