@@ -251,7 +251,10 @@ mod tunnel {
     use sag_agent::{
         dataplane::{Dataplane, InstanceSettings},
         netlink::Netlink,
-        testing::netns::{unique_name, veth_pair, Netns},
+        testing::{
+            netns::{unique_name, veth_pair, Netns},
+            traffic::Iperf3Server,
+        },
         wgconfig::{KeyPair, TUNNEL_MTU},
     };
     use sag_common::{counters::DropCounters, packet::Framing};
@@ -742,44 +745,6 @@ mod tunnel {
         Ok(measurement)
     }
 
-    /// A one-shot iperf3 server, killed by its PID when dropped if it is still running.
-    struct Iperf3Server(Child);
-
-    impl Iperf3Server {
-        /// Starts the server on the company server's address and waits until it listens.
-        fn start(netns: &Netns) -> Result<Self> {
-            let child = Command::new("ip")
-                .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
-                .args(["--port", &IPERF3_PORT.to_string(), "--bind", &COMPANY_SERVER.to_string()])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("failed to start the iperf3 server")?;
-            let mut server = Self(child);
-            let filter = format!("sport = :{IPERF3_PORT}");
-            let deadline = Instant::now() + START_TIMEOUT;
-            while netns.exec(&["ss", "-H", "-l", "-t", "-n", &filter])?.trim().is_empty() {
-                if let Some(status) = server.0.try_wait()? {
-                    bail!("the iperf3 server exited with {status} before listening");
-                }
-                if Instant::now() >= deadline {
-                    bail!(
-                        "the iperf3 server did not listen on port {IPERF3_PORT} within {} s",
-                        START_TIMEOUT.as_secs()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(server)
-        }
-    }
-
-    impl Drop for Iperf3Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
     /// Waits until a ping through the tunnel to the company server gets a reply.
     fn wait_for_tunnel(client: &Netns) -> Result<()> {
         let (source, destination) = (CLIENT_TUNNEL.to_string(), COMPANY_SERVER.to_string());
@@ -799,7 +764,7 @@ mod tunnel {
     /// and reads the UDP receive-buffer drops of the client and gateway namespaces after it.
     fn measure_traffic(topology: &Topology) -> Result<Measurement> {
         wait_for_tunnel(&topology.client)?;
-        let server = Iperf3Server::start(&topology.company)?;
+        let server = Iperf3Server::start(&topology.company, IPERF3_PORT, COMPANY_SERVER)?;
         let output = Command::new("ip")
             .args(["netns", "exec", topology.client.name()])
             .args(["timeout", &IPERF3_TIMEOUT_S.to_string(), "iperf3", "--client"])

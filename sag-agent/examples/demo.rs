@@ -19,6 +19,7 @@ use sag_agent::{
     testing::{
         lab::{Lab, COMPANY_SERVER},
         netns::Netns,
+        traffic::Iperf3Server,
         wireguard::WireguardGo,
     },
 };
@@ -153,8 +154,10 @@ fn run(lab: &Lab, keep: bool) -> Result<WireguardGo> {
     println!("Connected to intranet: bob's wireguard-go reaches {COMPANY_SERVER}");
 
     heading(&format!("Both send TCP to the company server for {TRAFFIC_SECONDS} s (iperf3)"));
-    let servers = [iperf3_server(&lab.company, 5301)?, iperf3_server(&lab.company, 5302)?];
-    std::thread::sleep(Duration::from_millis(300));
+    let servers = [
+        Iperf3Server::start(&lab.company, 5301, COMPANY_SERVER)?,
+        Iperf3Server::start(&lab.company, 5302, COMPANY_SERVER)?,
+    ];
     let clients = [iperf3_client(&lab.users[0], 5301)?, iperf3_client(&lab.users[1], 5302)?];
     std::thread::sleep(Duration::from_secs(2));
     println!("live, as `sag-agent traffic` prints it (bob is held at {SLOW_KBPS} kbit/s):");
@@ -243,26 +246,6 @@ fn ping(netns: &Netns, count: u32) -> Result<()> {
         &COMPANY_SERVER.to_string(),
     ])?;
     Ok(())
-}
-
-/// A one-shot iperf3 server, killed when dropped.
-struct Iperf3Server(Child);
-
-impl Drop for Iperf3Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn iperf3_server(netns: &Netns, port: u16) -> Result<Iperf3Server> {
-    let child = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
-        .args(["--port", &port.to_string(), "--bind", &COMPANY_SERVER.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("failed to start iperf3")?;
-    Ok(Iperf3Server(child))
 }
 
 fn iperf3_client(netns: &Netns, port: u16) -> Result<Child> {

@@ -3,7 +3,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -12,12 +11,11 @@ use sag_agent::{
     dataplane::{ClientSettings, Dataplane, InstanceSettings},
     testing::{
         frames::udp,
-        netns::Netns,
         topology::{
             bind_udp, client_address, ethernet_client_address, EthernetTopology, TunTopology,
             LAN_SERVER,
         },
-        traffic::{rate_kbps, send_paced, Flow, Receiver},
+        traffic::{iperf3_tcp_goodput_kbps, rate_kbps, send_paced, Flow, Receiver},
     },
 };
 use sag_common::{
@@ -25,7 +23,6 @@ use sag_common::{
     packet::Framing,
     policy::RateLimit,
 };
-use serde_json::Value;
 
 const INSTANCE: u32 = 1;
 const SINK_PORT: u16 = 9000;
@@ -289,27 +286,6 @@ fn drop_reasons_in_namespaces() {
     assert_eq!(spoofed.counter, PacketCounter { packets: 3, bytes: 3 * bytes });
 }
 
-/// A one-shot iperf3 server, killed when dropped if it is still running.
-struct Iperf3Server(Child);
-
-impl Drop for Iperf3Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a one-shot iperf3 server in `netns` on `port`; it exits after one test.
-fn iperf3_server(netns: &Netns, port: u16) -> Iperf3Server {
-    let child = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
-        .args(["--port", &port.to_string(), "--bind", &LAN_SERVER.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 starts");
-    Iperf3Server(child)
-}
-
 /// Runs a 10-second TCP test from a client behind an Ethernet link limited to `rate` kbit/s
 /// each way, and returns the goodput the server received, in kbit/s.
 fn tcp_goodput(rate: u32, port: u16) -> f64 {
@@ -325,30 +301,10 @@ fn tcp_goodput(rate: u32, port: u16) -> f64 {
     let settings = ClientSettings { instance: 0, ..limited(rate) };
     dataplane.add_client(client, &settings).unwrap();
 
-    let server = iperf3_server(&topology.lan, port);
-    std::thread::sleep(Duration::from_millis(300));
-    let output = topology
-        .clients
-        .exec(&[
-            "timeout",
-            "30",
-            "iperf3",
-            "--client",
-            &LAN_SERVER.to_string(),
-            "--port",
-            &port.to_string(),
-            "--bind",
-            &client.to_string(),
-            "--time",
-            "10",
-            "--omit",
-            "1",
-            "--json",
-        ])
-        .unwrap();
-    drop(server);
-    let report: Value = serde_json::from_str(&output).unwrap();
-    let goodput = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1_000.0;
+    let server = SocketAddrV4::new(LAN_SERVER, port);
+    let goodput =
+        iperf3_tcp_goodput_kbps(&topology.lan, server, &topology.clients, Some(client), 10, 30)
+            .unwrap();
     let counters: ClientCounters = dataplane.client_counters(client).unwrap();
     assert!(counters.rx_packets > 0);
     goodput

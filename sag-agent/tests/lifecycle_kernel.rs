@@ -10,49 +10,11 @@
 //!
 //! The test needs root, and ping and nsenter.
 
-use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
+use std::path::Path;
 
 use chrono::Utc;
-use sag_agent::{
-    dataplane::PinnedCounters,
-    testing::{
-        lab::{Lab, COMPANY_SERVER, GATEWAY_PUBLIC, LOGIN_PORT},
-        netns::{unique_name, Netns},
-    },
-};
-use sag_common::counters::ClientCounters;
+use sag_agent::testing::lab::{connected_address, ping, settle, Lab};
 use serde_json::Value;
-
-/// Returns the kernel counters of `address`, or `None` if it is not a client in the kernel.
-fn counters(lab: &Lab, address: Ipv4Addr) -> Option<ClientCounters> {
-    PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().get(&address).copied()
-}
-
-/// Returns the address in a "Connected to intranet as ADDRESS (...)" line.
-fn connected_address(line: &str) -> Ipv4Addr {
-    let rest = line.strip_prefix("Connected to intranet as ").unwrap_or_else(|| panic!("{line}"));
-    rest.split(' ').next().unwrap().parse().unwrap()
-}
-
-/// Pings the company server from `netns` `count` times with `size` bytes of payload and
-/// returns the number of replies.
-fn ping(netns: &Netns, count: u32, size: u32) -> u32 {
-    let output = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", "0.2", "-W", "2"])
-        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let summary = text.lines().find(|line| line.contains("received")).unwrap_or_else(|| {
-        panic!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr))
-    });
-    summary.split(", ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
-}
-
-/// Waits 500 ms so that packets in flight arrive before counters are compared.
-fn settle() {
-    std::thread::sleep(Duration::from_millis(500));
-}
 
 #[test]
 fn stopped_instance_blocked_until_renewed() {
@@ -61,8 +23,9 @@ fn stopped_instance_blocked_until_renewed() {
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "kim-lifecycle", 2_000, None).unwrap();
     let address =
-        connected_address(&lab.connect(0, &fingerprint, &instance, "kim-lifecycle").unwrap());
-    assert_eq!(ping(&lab.users[0], 3, 100), 3);
+        connected_address(&lab.connect(0, &fingerprint, &instance, "kim-lifecycle").unwrap())
+            .unwrap();
+    assert_eq!(ping(&lab.users[0], 3, 100).unwrap(), 3);
 
     // The expiry 15 days and a minute ago: the engine stops the instance when it runs.
     let expired = (Utc::now() - chrono::Duration::days(15) - chrono::Duration::minutes(1))
@@ -82,39 +45,18 @@ fn stopped_instance_blocked_until_renewed() {
     assert_eq!(details["instance"]["state"], "stopped");
 
     // Every packet of the client is dropped in the kernel as blocked, from the first one.
-    let before = counters(&lab, address).unwrap();
-    assert_eq!(ping(&lab.users[0], 5, 100), 0);
+    let before = lab.counters(address).unwrap().unwrap();
+    assert_eq!(ping(&lab.users[0], 5, 100).unwrap(), 0);
     settle();
-    let after = counters(&lab, address).unwrap();
+    let after = lab.counters(address).unwrap().unwrap();
     assert_eq!(after.rx_dropped.blocked.packets - before.rx_dropped.blocked.packets, 5);
     assert_eq!(after.rx_dropped.blocked.bytes - before.rx_dropped.blocked.bytes, 5 * 128);
     assert_eq!(after.rx_packets, before.rx_packets, "nothing passed");
     assert_eq!(after.tx_packets, before.tx_packets, "nothing came back");
 
     // A new login is refused, with the state in the message.
-    let password = lab.dir.join("kim-lifecycle.password");
-    let run_dir = lab.dir.join(unique_name("run")).display().to_string();
-    let output = lab
-        .user_command(
-            0,
-            &[
-                "connect",
-                "--server",
-                &format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
-                "--fingerprint",
-                &fingerprint,
-                "--instance",
-                &instance,
-                "--username",
-                "kim-lifecycle",
-                "--password-file",
-                password.to_str().unwrap(),
-                "--run-dir",
-                &run_dir,
-                "--no-dns",
-            ],
-        )
-        .unwrap();
+    let password = lab.password_file("kim-lifecycle");
+    let output = lab.try_connect(0, &fingerprint, &instance, "kim-lifecycle", &password).unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("instance {instance} is stopped")), "{stderr}");
@@ -127,10 +69,10 @@ fn stopped_instance_blocked_until_renewed() {
     assert_eq!(order["instance"]["state"], "running", "{order:#}");
     assert_eq!(order["charge"]["kind"], "renewal");
     assert_eq!(order["charge"]["amount_cents"], 3_480);
-    let before = counters(&lab, address).unwrap();
-    assert_eq!(ping(&lab.users[0], 3, 100), 3);
+    let before = lab.counters(address).unwrap().unwrap();
+    assert_eq!(ping(&lab.users[0], 3, 100).unwrap(), 3);
     settle();
-    let after = counters(&lab, address).unwrap();
+    let after = lab.counters(address).unwrap().unwrap();
     assert_eq!(after.rx_packets - before.rx_packets, 3);
     assert_eq!(after.rx_dropped.blocked.packets, before.rx_dropped.blocked.packets);
 
@@ -140,28 +82,8 @@ fn stopped_instance_blocked_until_renewed() {
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     lab.admin(&["instance", "set-expiry", &instance, "--expires-at", &released]).unwrap();
     lab.admin(&["instance", "lifecycle-run", "--json"]).unwrap();
-    assert_eq!(counters(&lab, address), None);
-    let output = lab
-        .user_command(
-            0,
-            &[
-                "connect",
-                "--server",
-                &format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
-                "--fingerprint",
-                &fingerprint,
-                "--instance",
-                &instance,
-                "--username",
-                "kim-lifecycle",
-                "--password-file",
-                password.to_str().unwrap(),
-                "--run-dir",
-                &lab.dir.join(unique_name("run")).display().to_string(),
-                "--no-dns",
-            ],
-        )
-        .unwrap();
+    assert_eq!(lab.counters(address).unwrap(), None);
+    let output = lab.try_connect(0, &fingerprint, &instance, "kim-lifecycle", &password).unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let today = Utc::now().format("%Y-%m-%d");

@@ -23,10 +23,10 @@ use sag_agent::{
     admin::{CreatedAccount, Instance},
     api::{CreateAccountBody, CreateInstanceBody, NetworkBody},
     api_client::ApiClient,
-    dataplane::PinnedCounters,
     testing::{
-        lab::{Lab, COMPANY_SERVER},
+        lab::{connected_address, ping, ping_with_interval, settle, Lab, COMPANY_SERVER},
         netns::Netns,
+        traffic::Iperf3Server,
     },
 };
 use sag_common::counters::{ClientCounters, DropCounters};
@@ -165,34 +165,8 @@ fn promtool_check_metrics(text: &str) -> (bool, String) {
 }
 
 fn counters(lab: &Lab, address: Ipv4Addr) -> ClientCounters {
-    let clients = PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap();
-    *clients.get(&address).unwrap_or_else(|| panic!("{address} is a client in the kernel"))
-}
-
-/// Returns the address in a "Connected to intranet as ADDRESS (...)" line.
-fn connected_address(line: &str) -> Ipv4Addr {
-    let rest = line.strip_prefix("Connected to intranet as ").unwrap_or_else(|| panic!("{line}"));
-    rest.split(' ').next().unwrap().parse().unwrap()
-}
-
-/// Pings the company server from `netns` `count` times, every `interval` seconds, with `size`
-/// bytes of payload, and returns the number of replies.
-fn ping(netns: &Netns, count: u32, interval: &str, size: u32) -> u32 {
-    let output = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", interval, "-W", "2"])
-        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let summary = text.lines().find(|line| line.contains("received")).unwrap_or_else(|| {
-        panic!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr))
-    });
-    summary.split(", ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
-}
-
-/// Waits 500 ms so that packets in flight arrive before counters are compared.
-fn settle() {
-    std::thread::sleep(Duration::from_millis(500));
+    let counters = lab.counters(address).unwrap();
+    counters.unwrap_or_else(|| panic!("{address} is a client in the kernel"))
 }
 
 fn dropped_packets(drops: &DropCounters) -> u64 {
@@ -288,8 +262,9 @@ fn scrape_matches_kernel_exactly() {
 
     // 5 echo requests and replies of 128 IP bytes each.
     let before_connect = unix_seconds(SystemTime::now()).floor();
-    let address = connected_address(&lab.connect(0, &fingerprint, &instance, "mon-user1").unwrap());
-    assert_eq!(ping(&lab.users[0], 5, "0.2", 100), 5);
+    let address =
+        connected_address(&lab.connect(0, &fingerprint, &instance, "mon-user1").unwrap()).unwrap();
+    assert_eq!(ping(&lab.users[0], 5, 100).unwrap(), 5);
     settle();
     let kernel = counters(&lab, address);
     let text = scrape(&lab);
@@ -319,7 +294,7 @@ fn scrape_matches_kernel_exactly() {
     // At 8 kbit/s the bucket has room for two 1,500-byte packets, so a burst of 20 echo requests of
     // 1,400 bytes loses most of them to the rate limit.
     lab.admin(&["account", "set", &instance, "mon-user1", "--bandwidth", "8"]).unwrap();
-    let replies = ping(&lab.users[0], 20, "0.01", 1_372);
+    let replies = ping_with_interval(&lab.users[0], 20, 1_372, Duration::from_millis(10)).unwrap();
     settle();
     let kernel = counters(&lab, address);
     let text = scrape(&lab);
@@ -583,34 +558,17 @@ fn assert_agrees(figure: &str, evaluations: &[(f64, f64, f64)]) {
     }
 }
 
-/// Child process, killed and reaped when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn prometheus_rules_agree_with_kernel() {
     let _heavy = heavy();
     let lab = lab(1);
-    // The agent ends a session when its peer has had no handshake for session_idle_s, and
-    // WireGuard shakes hands again only every 2 minutes while traffic flows. The lab's 60 s
-    // would end the session in the middle of the traffic, so this lab's agent gets 300 s.
-    let config_path = lab.dir.join("agent.toml");
-    let config = std::fs::read_to_string(&config_path).unwrap();
-    assert!(config.contains("session_idle_s = 60\n"), "{config}");
-    std::fs::write(&config_path, config.replace("session_idle_s = 60\n", "session_idle_s = 300\n"))
-        .unwrap();
-    lab.stop_agent();
-    lab.start_agent().unwrap();
+    // This agent runs with the default idle time of 300 s, as a deployed agent does, instead of
+    // the lab's 240 s.
+    lab.restart_agent_with_session_idle(300).unwrap();
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "prom-user1", 512, None).unwrap();
     let address =
-        connected_address(&lab.connect(0, &fingerprint, &instance, "prom-user1").unwrap());
+        connected_address(&lab.connect(0, &fingerprint, &instance, "prom-user1").unwrap()).unwrap();
     let prometheus = Prometheus::start(&lab.gateway);
 
     // Read the kernel counters every 200 ms while traffic runs.
@@ -627,16 +585,8 @@ fn prometheus_rules_agree_with_kernel() {
         });
         // UDP at 1 Mbit/s each way through a limit of 512 kbit/s: both directions pass at the
         // limit and lose the rest to rate-limit drops.
-        let port = 5201.to_string();
-        let server = Process(
-            Command::new("ip")
-                .args(["netns", "exec", lab.company.name(), "iperf3", "--server", "--one-off"])
-                .args(["--port", &port, "--bind", &COMPANY_SERVER.to_string()])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        let port: u16 = 5201;
+        let server = Iperf3Server::start(&lab.company, port, COMPANY_SERVER).unwrap();
         let start = unix_seconds(SystemTime::now());
         let output = lab.users[0]
             .exec(&[
@@ -646,7 +596,7 @@ fn prometheus_rules_agree_with_kernel() {
                 "--client",
                 &COMPANY_SERVER.to_string(),
                 "--port",
-                &port,
+                &port.to_string(),
                 "--udp",
                 "--bitrate",
                 "1M",

@@ -12,13 +12,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use sag_agent::{
-    dataplane::PinnedCounters,
-    testing::{
-        lab::{Lab, COMPANY_SERVER},
-        netns::Netns,
-    },
-};
+use sag_agent::testing::lab::{connected_address, ping_summary, Lab};
 use sag_common::counters::ClientCounters;
 use serde_json::Value;
 
@@ -111,9 +105,9 @@ impl Traffic {
 
 /// Returns the kernel counters of the client at `address`.
 fn kernel_traffic(lab: &Lab, address: Ipv4Addr) -> Traffic {
-    let clients = PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap();
-    let counters = clients.get(&address).unwrap_or_else(|| panic!("{address} in the kernel"));
-    Traffic::of_kernel(counters)
+    let counters = lab.counters(address).unwrap();
+    let counters = counters.unwrap_or_else(|| panic!("{address} in the kernel"));
+    Traffic::of_kernel(&counters)
 }
 
 fn unix_now() -> Duration {
@@ -137,20 +131,6 @@ fn sleep_until(seconds: i64) {
     }
 }
 
-/// Pings the company server from `netns` `count` times with `size` bytes of payload every
-/// `interval` seconds, and returns ping's summary line.
-fn ping(netns: &Netns, count: u32, size: u32, interval: &str) -> String {
-    let output = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", interval, "-W", "2"])
-        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.lines().find(|line| line.contains("received")).map(str::to_owned).unwrap_or_else(|| {
-        panic!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr))
-    })
-}
-
 /// Formats `time` in UTC as `YYYY-MM-DD HH:MM`, the second format `--from` and `--to` accept.
 fn plain_time(seconds: i64) -> String {
     chrono::DateTime::from_timestamp(seconds, 0).unwrap().format("%Y-%m-%d %H:%M").to_string()
@@ -158,12 +138,6 @@ fn plain_time(seconds: i64) -> String {
 
 fn rfc3339(seconds: i64) -> String {
     chrono::DateTime::from_timestamp(seconds, 0).unwrap().to_rfc3339()
-}
-
-/// Returns the address in a "Connected to intranet as ADDRESS (...)" line.
-fn connected_address(line: &str) -> Ipv4Addr {
-    let rest = line.strip_prefix("Connected to intranet as ").unwrap_or_else(|| panic!("{line}"));
-    rest.split(' ').next().unwrap().parse().unwrap()
 }
 
 /// Formats `value` with commas between thousands, as the table prints whole bytes.
@@ -182,22 +156,15 @@ fn grouped(value: u64) -> String {
 #[test]
 fn monitor_matches_kernel_counters() {
     let lab = Lab::start(binary(), 1).expect("lab starts (as root)");
-    // The lab ends a session 60 s after its last WireGuard handshake, even while traffic flows,
-    // because a peer starts a new handshake only once its keys are 120 s old (REKEY_AFTER_TIME
-    // in gotatun's noise/timers.rs). This test keeps one session for about 2 minutes, so its
-    // agent runs with the default idle time of 300 s.
-    let config_path = lab.dir.join("agent.toml");
-    let config = std::fs::read_to_string(&config_path).unwrap();
-    assert!(config.contains("session_idle_s = 60\n"), "{config}");
-    std::fs::write(&config_path, config.replace("session_idle_s = 60\n", "session_idle_s = 300\n"))
-        .unwrap();
-    lab.stop_agent();
-    lab.start_agent().unwrap();
+    // This test keeps one session for about 3 minutes, part of them without traffic, so its
+    // agent runs with the default idle time of 300 s instead of the lab's 240 s.
+    lab.restart_agent_with_session_idle(300).unwrap();
     let (instance, fingerprint) = lab.create_instance().unwrap();
     let username = "mona-user1";
     // 512 kbit/s, so that a burst of pings overflows the bucket and some are dropped.
     lab.create_account(&instance, username, 512, None).unwrap();
-    let address = connected_address(&lab.connect(0, &fingerprint, &instance, username).unwrap());
+    let address =
+        connected_address(&lab.connect(0, &fingerprint, &instance, username).unwrap()).unwrap();
 
     // B0 is the next minute boundary. No traffic flows between the agent's reading at B0,
     // which closes minute B0 - 1, and the pings, so the counters read here equal that reading.
@@ -206,9 +173,9 @@ fn monitor_matches_kernel_counters() {
 
     // Pings from B0 + 50 s for 12 s cross the boundary B1, then a burst is partly dropped.
     sleep_until(start + 50);
-    let steady = ping(&lab.users[0], 60, 100, "0.2");
+    let steady = ping_summary(&lab.users[0], 60, 100, Duration::from_millis(200)).unwrap();
     assert!(steady.contains("60 packets transmitted, 60 received"), "{steady}");
-    let burst = ping(&lab.users[0], 100, 1_000, "0.002");
+    let burst = ping_summary(&lab.users[0], 100, 1_000, Duration::from_millis(2)).unwrap();
     eprintln!("burst of 100 pings at 512 kbit/s: {burst}");
     std::thread::sleep(Duration::from_secs(1));
     let after = kernel_traffic(&lab, address);

@@ -2,11 +2,11 @@
 //! step with the source, and a user who logs in through the destination instance with the same
 //! username and password and is counted there. Needs root.
 
-use std::{net::Ipv4Addr, path::Path, process::Command};
+use std::{path::Path, process::Command};
 
 use sag_agent::{
     dataplane::PinnedCounters,
-    testing::lab::{Lab, COMPANY_NETWORK, COMPANY_SERVER},
+    testing::lab::{connected_address, ping, settle, Lab, COMPANY_NETWORK},
 };
 use serde_json::Value;
 
@@ -127,19 +127,13 @@ fn replica_logs_in_at_the_destination_and_is_counted_there() {
 
     // The same username and password, through the destination instance.
     let line = lab.connect(0, &fingerprint, &destination, "traveller1").unwrap();
-    let address: Ipv4Addr =
-        line.split(' ').nth(4).unwrap().parse().unwrap_or_else(|_| panic!("{line}"));
+    let address = connected_address(&line).unwrap();
     assert!(line.contains(&format!("instance {destination}, via 203.0.113.1:51821")), "{line}");
     assert!("10.78.0.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&address), "{address}");
-    let ping = Command::new("ip")
-        .args(["netns", "exec", lab.users[0].name(), "ping", "-n", "-q", "-c", "3", "-i", "0.2"])
-        .args(["-s", "100", "-W", "2", &COMPANY_SERVER.to_string()])
-        .output()
-        .unwrap();
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let pinned = PinnedCounters::open(&lab.pin_dir).unwrap();
-    let counted = pinned.clients().unwrap()[&address];
+    let replies = ping(&lab.users[0], 3, 100).unwrap();
+    assert!(replies > 0, "no reply to 3 echo requests through the destination instance");
+    settle();
+    let counted = lab.counters(address).unwrap().expect("the address is a client in the kernel");
     assert_eq!((counted.rx_packets, counted.rx_bytes, counted.tx_bytes), (3, 3 * 128, 3 * 128));
     let destination_number: u32 = serde_json::from_str::<Value>(
         &lab.admin(&["instance", "show", &destination, "--json"]).unwrap(),
@@ -149,6 +143,7 @@ fn replica_logs_in_at_the_destination_and_is_counted_there() {
         .unwrap()
         .try_into()
         .unwrap();
+    let pinned = PinnedCounters::open(&lab.pin_dir).unwrap();
     assert_eq!(pinned.client_record(address).unwrap().unwrap().instance, destination_number);
     lab.disconnect(0).unwrap();
 

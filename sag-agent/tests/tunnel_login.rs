@@ -6,10 +6,10 @@
 //! The tests need root, and ping, iperf3, nsenter, wireguard-go, wg and wg-quick.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::PermissionsExt as _,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -17,8 +17,9 @@ use std::{
 use sag_agent::{
     dataplane::PinnedCounters,
     testing::{
-        lab::{link_stats, Lab, LinkStats, COMPANY_SERVER, GATEWAY_PUBLIC, LOGIN_PORT},
+        lab::{connected_address, link_stats, ping, settle, Lab, LinkStats, COMPANY_SERVER},
         netns::{unique_name, Netns},
+        traffic::iperf3_tcp_goodput_kbps,
         wireguard::WireguardGo,
     },
 };
@@ -37,76 +38,14 @@ fn lab(users: u8) -> Lab {
     Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), users).expect("lab starts (as root)")
 }
 
-/// Returns the kernel counters of `address`, or `None` if it is not a client in the kernel.
-fn counters(lab: &Lab, address: Ipv4Addr) -> Option<ClientCounters> {
-    PinnedCounters::open(&lab.pin_dir).unwrap().clients().unwrap().get(&address).copied()
-}
-
-/// Returns the address in a "Connected to intranet as ADDRESS (...)" line.
-fn connected_address(line: &str) -> Ipv4Addr {
-    let rest = line.strip_prefix("Connected to intranet as ").unwrap_or_else(|| panic!("{line}"));
-    rest.split(' ').next().unwrap().parse().unwrap()
-}
-
-/// Pings the company server from `netns` `count` times with `size` bytes of payload and
-/// returns the number of replies.
-fn ping(netns: &Netns, count: u32, size: u32) -> u32 {
-    let output = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", "0.2", "-W", "2"])
-        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let summary = text.lines().find(|line| line.contains("received")).unwrap_or_else(|| {
-        panic!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr))
-    });
-    summary.split(", ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
-}
-
-/// Child process, killed and reaped when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs an iperf3 TCP test from `client` to the company server for `seconds`, plus one
 /// omitted second, and returns the goodput the server received, in kbit/s. `timeout` stops
 /// the client after 60 s.
 fn tcp_goodput(lab: &Lab, client: &Netns, seconds: u32) -> f64 {
     // One port per test process. Callers hold the MEASURING lock, so calls never overlap.
     let port = 5300 + (std::process::id() % 500) as u16;
-    let server = Process(
-        Command::new("ip")
-            .args(["netns", "exec", lab.company.name(), "iperf3", "--server", "--one-off"])
-            .args(["--port", &port.to_string(), "--bind", &COMPANY_SERVER.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let output = client
-        .exec(&[
-            "timeout",
-            "60",
-            "iperf3",
-            "--client",
-            &COMPANY_SERVER.to_string(),
-            "--port",
-            &port.to_string(),
-            "--time",
-            &seconds.to_string(),
-            "--omit",
-            "1",
-            "--json",
-        ])
-        .unwrap();
-    drop(server);
-    let report: Value = serde_json::from_str(&output).unwrap();
-    report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1_000.0
+    let server = SocketAddrV4::new(COMPANY_SERVER, port);
+    iperf3_tcp_goodput_kbps(&lab.company, server, client, None, seconds, 60).unwrap()
 }
 
 /// Asserts that `goodput` is 85 % to 105 % of the limit `rate`, both in kbit/s.
@@ -154,11 +93,6 @@ fn assert_counters_match(before: (ClientCounters, LinkStats), after: (ClientCoun
     );
 }
 
-/// Waits 500 ms so that packets in flight arrive before counters are compared.
-fn settle() {
-    std::thread::sleep(Duration::from_millis(500));
-}
-
 #[test]
 fn wireguard_go_with_exported_config() {
     let lab = lab(1);
@@ -194,9 +128,9 @@ fn wireguard_go_with_exported_config() {
     let user = &lab.users[0];
     let wireguard = WireguardGo::start(user, &out).unwrap();
     let snapshot =
-        || (counters(&lab, address).unwrap(), link_stats(user, &wireguard.name).unwrap());
+        || (lab.counters(address).unwrap().unwrap(), link_stats(user, &wireguard.name).unwrap());
     let before = snapshot();
-    assert_eq!(ping(user, 5, 100), 5, "ping through the tunnel");
+    assert_eq!(ping(user, 5, 100).unwrap(), 5, "ping through the tunnel");
     settle();
     let after = snapshot();
     let counted = after.0;
@@ -220,11 +154,11 @@ fn wireguard_go_with_exported_config() {
     lab.stop_agent();
     lab.start_agent().unwrap();
     let wireguard = WireguardGo::start(user, &out).unwrap();
-    let before = counters(&lab, address).unwrap();
+    let before = lab.counters(address).unwrap().unwrap();
     assert_eq!(before, after.0, "the counters survive the restart");
-    assert_eq!(ping(user, 3, 100), 3, "ping after the restart, without logging in again");
+    assert_eq!(ping(user, 3, 100).unwrap(), 3, "ping after the restart, without logging in again");
     settle();
-    let counted = counters(&lab, address).unwrap();
+    let counted = lab.counters(address).unwrap().unwrap();
     assert_eq!(counted.rx_packets - before.rx_packets, 3);
     assert_eq!(counted.tx_bytes - before.tx_bytes, 3 * 128);
     drop(wireguard);
@@ -239,7 +173,7 @@ fn connect_limits_disable_reconnect() {
     lab.create_account(&instance, "bob-static", 2_000, Some(static_ip)).unwrap();
 
     let line = lab.connect(0, &fingerprint, &instance, "alice-dyn").unwrap();
-    let alice = connected_address(&line);
+    let alice = connected_address(&line).unwrap();
     assert_eq!(
         line,
         format!("Connected to intranet as {alice} (instance {instance}, via 203.0.113.1:51820)")
@@ -247,27 +181,29 @@ fn connect_limits_disable_reconnect() {
     let resolv = lab.dir.join("user0.resolv.conf");
     let applied = std::fs::read_to_string(&resolv).unwrap();
     assert!(applied.ends_with("nameserver 198.18.0.53\n"), "{applied}");
-    let bob = connected_address(&lab.connect(1, &fingerprint, &instance, "bob-static").unwrap());
+    let bob =
+        connected_address(&lab.connect(1, &fingerprint, &instance, "bob-static").unwrap()).unwrap();
     assert_eq!(bob, static_ip);
     assert_ne!(alice, bob);
 
     // Both users at once, each counted under their own address.
     let (alice_replies, bob_replies) = std::thread::scope(|scope| {
-        let first = scope.spawn(|| ping(&lab.users[0], 4, 100));
-        let second = scope.spawn(|| ping(&lab.users[1], 6, 200));
+        let first = scope.spawn(|| ping(&lab.users[0], 4, 100).unwrap());
+        let second = scope.spawn(|| ping(&lab.users[1], 6, 200).unwrap());
         (first.join().unwrap(), second.join().unwrap())
     });
     assert_eq!((alice_replies, bob_replies), (4, 6));
     settle();
-    let counted = counters(&lab, alice).unwrap();
+    let counted = lab.counters(alice).unwrap().unwrap();
     assert_eq!((counted.rx_packets, counted.rx_bytes, counted.tx_bytes), (4, 4 * 128, 4 * 128));
-    let counted = counters(&lab, bob).unwrap();
+    let counted = lab.counters(bob).unwrap().unwrap();
     assert_eq!((counted.rx_packets, counted.rx_bytes, counted.tx_bytes), (6, 6 * 228, 6 * 228));
 
     {
         let _measuring = measuring();
         let user = &lab.users[0];
-        let snapshot = || (counters(&lab, alice).unwrap(), link_stats(user, "sag0").unwrap());
+        let snapshot =
+            || (lab.counters(alice).unwrap().unwrap(), link_stats(user, "sag0").unwrap());
         let before = snapshot();
         let goodput = tcp_goodput(&lab, user, 8);
         settle();
@@ -302,12 +238,8 @@ fn connect_limits_disable_reconnect() {
     assert!(last - disabled_at < 1.0, "a reply came {:.3} s after disabling", last - disabled_at);
 
     // A disabled account cannot log in again.
-    let mut args = vec!["connect".to_owned()];
-    args.extend(lab.login_args(&fingerprint, &instance, "bob-static"));
-    args.extend(["--run-dir".to_owned(), lab.dir.join("refused").display().to_string()]);
-    args.push("--no-dns".to_owned());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let output = lab.user_command(1, &args).unwrap();
+    let password_file = lab.password_file("bob-static");
+    let output = lab.try_connect(1, &fingerprint, &instance, "bob-static", &password_file).unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -319,17 +251,18 @@ fn connect_limits_disable_reconnect() {
     // own.
     assert_eq!(lab.disconnect(0).unwrap(), format!("Disconnected from intranet ({alice} on sag0)"));
     assert_eq!(std::fs::read_to_string(&resolv).unwrap(), "nameserver 192.0.2.53\n");
-    assert_eq!(counters(&lab, alice), None, "a logged-out dynamic address is no client");
-    let again = connected_address(&lab.connect(0, &fingerprint, &instance, "alice-dyn").unwrap());
+    assert_eq!(lab.counters(alice).unwrap(), None, "a logged-out dynamic address is no client");
+    let again =
+        connected_address(&lab.connect(0, &fingerprint, &instance, "alice-dyn").unwrap()).unwrap();
     assert_ne!(again, alice);
-    assert_eq!(ping(&lab.users[0], 2, 100), 2);
+    assert_eq!(ping(&lab.users[0], 2, 100).unwrap(), 2);
     lab.admin(&["account", "enable", &instance, "bob-static"]).unwrap();
     lab.disconnect(1).unwrap();
     assert_eq!(
-        connected_address(&lab.connect(1, &fingerprint, &instance, "bob-static").unwrap()),
+        connected_address(&lab.connect(1, &fingerprint, &instance, "bob-static").unwrap()).unwrap(),
         bob
     );
-    assert_eq!(ping(&lab.users[1], 2, 100), 2);
+    assert_eq!(ping(&lab.users[1], 2, 100).unwrap(), 2);
 }
 
 /// Runs `connect` as user 0 with `username` and `password`, and returns whether it succeeded
@@ -343,29 +276,7 @@ fn try_login(
 ) -> (bool, String) {
     let file = lab.dir.join(unique_name("pw"));
     std::fs::write(&file, password).unwrap();
-    let run_dir = lab.dir.join(unique_name("run")).display().to_string();
-    let server = format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}");
-    let output = lab
-        .user_command(
-            0,
-            &[
-                "connect",
-                "--server",
-                &server,
-                "--fingerprint",
-                fingerprint,
-                "--instance",
-                instance,
-                "--username",
-                username,
-                "--password-file",
-                file.to_str().unwrap(),
-                "--run-dir",
-                &run_dir,
-                "--no-dns",
-            ],
-        )
-        .unwrap();
+    let output = lab.try_connect(0, fingerprint, instance, username, &file).unwrap();
     (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
@@ -432,10 +343,11 @@ fn idle_session_releases_address() {
     lab.create_account(&instance, "gina-stays", 512, None).unwrap();
     // A second user stays connected and sends nothing but its keepalives.
     let staying =
-        connected_address(&lab.connect(1, &fingerprint, &instance, "gina-stays").unwrap());
-    let address = connected_address(&lab.connect(0, &fingerprint, &instance, "erin-idle").unwrap());
-    assert_eq!(ping(&lab.users[0], 1, 100), 1);
-    assert!(counters(&lab, address).is_some());
+        connected_address(&lab.connect(1, &fingerprint, &instance, "gina-stays").unwrap()).unwrap();
+    let address =
+        connected_address(&lab.connect(0, &fingerprint, &instance, "erin-idle").unwrap()).unwrap();
+    assert_eq!(ping(&lab.users[0], 1, 100).unwrap(), 1);
+    assert!(lab.counters(address).unwrap().is_some());
 
     // Simulate a crashed client: SIGKILL the tunnel process, so it cannot log out.
     let state: Value =
@@ -448,7 +360,7 @@ fn idle_session_releases_address() {
 
     // The lab's idle time is 240 s, and the agent scans for idle sessions every 10 s.
     let start = Instant::now();
-    while counters(&lab, address).is_some() {
+    while lab.counters(address).unwrap().is_some() {
         assert!(start.elapsed() < Duration::from_secs(270), "the session did not end when idle");
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -461,8 +373,8 @@ fn idle_session_releases_address() {
     // The other session lived on past the idle time: its keepalives made new handshakes once
     // its keys expired.
     std::thread::sleep(Duration::from_secs(15));
-    assert!(counters(&lab, staying).is_some(), "a live session ended: {}", lab.agent_log());
-    assert_eq!(ping(&lab.users[1], 2, 100), 2);
+    assert!(lab.counters(staying).unwrap().is_some(), "a live session ended: {}", lab.agent_log());
+    assert_eq!(ping(&lab.users[1], 2, 100).unwrap(), 2);
 }
 
 #[test]
@@ -471,11 +383,11 @@ fn block_change_ends_outside_sessions() {
     let (instance, fingerprint) = lab.create_instance().unwrap();
     lab.create_account(&instance, "frank-blk", 512, None).unwrap();
     let line = lab.connect(0, &fingerprint, &instance, "frank-blk").unwrap();
-    let old = connected_address(&line);
-    assert!(counters(&lab, old).is_some());
+    let old = connected_address(&line).unwrap();
+    assert!(lab.counters(old).unwrap().is_some());
 
     lab.admin(&["network", "set", &instance, "--cidr-block", "10.78.0.0/24"]).unwrap();
-    assert_eq!(counters(&lab, old), None, "the old address is no client any more");
+    assert_eq!(lab.counters(old).unwrap(), None, "the old address is no client any more");
     let details: Value =
         serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
             .unwrap();
@@ -483,7 +395,8 @@ fn block_change_ends_outside_sessions() {
     assert!(lab.agent_log().contains("address outside the new blocks"), "{}", lab.agent_log());
 
     lab.disconnect(0).unwrap();
-    let new = connected_address(&lab.connect(0, &fingerprint, &instance, "frank-blk").unwrap());
+    let new =
+        connected_address(&lab.connect(0, &fingerprint, &instance, "frank-blk").unwrap()).unwrap();
     assert_eq!(new, Ipv4Addr::new(10, 78, 0, 1));
-    assert_eq!(ping(&lab.users[0], 2, 100), 2);
+    assert_eq!(ping(&lab.users[0], 2, 100).unwrap(), 2);
 }

@@ -11,6 +11,9 @@
 //! The login API and the WireGuard ports listen on 203.0.113.1, which every user reaches
 //! through its own link. Dropping the lab disconnects each user's `connect` tunnel, stops the
 //! agent, and deletes the namespaces, the lab directory and the pinned maps.
+//!
+//! Beside [`Lab`] are the helpers that the end-to-end tests share: pinging the company server,
+//! parsing the output of `connect`, and waiting for packets in flight.
 
 use std::{
     net::Ipv4Addr,
@@ -20,8 +23,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use sag_common::counters::ClientCounters;
 
 use super::netns::{run, unique_name, veth_pair, Netns};
+use crate::{config::MIN_SESSION_IDLE_S, dataplane::PinnedCounters};
 
 /// Address of the company server.
 pub const COMPANY_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -33,6 +38,11 @@ pub const CLIENT_BLOCK: &str = "10.77.0.0/24";
 pub const GATEWAY_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// Port of the login API.
 pub const LOGIN_PORT: u16 = 8443;
+/// Idle time of the lab agent's sessions, in seconds: the shortest the agent accepts, so that a
+/// test of the idle timeout waits as little as possible.
+pub const SESSION_IDLE_S: u64 = MIN_SESSION_IDLE_S;
+/// Interval between the echo requests of [`ping`].
+const PING_INTERVAL: Duration = Duration::from_millis(200);
 /// Maximum wait for the agent to open its admin socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,6 +62,9 @@ pub struct Lab {
     /// Directory under /sys/fs/bpf where the agent pins its maps.
     pub pin_dir: PathBuf,
     agent: std::sync::Mutex<Option<Child>>,
+    /// A command and its arguments that the agent runs under, such as `setpriv` with a
+    /// bounding set of capabilities; empty to run it directly.
+    agent_wrapper: Vec<String>,
 }
 
 impl Lab {
@@ -60,6 +73,15 @@ impl Lab {
     /// # Errors
     /// Fails if a namespace, link or the agent cannot be set up.
     pub fn start(binary: &Path, users: u8) -> Result<Self> {
+        Self::start_wrapped(binary, users, &[])
+    }
+
+    /// Like [`Lab::start`], but runs the agent under `wrapper` (a command and its arguments,
+    /// such as `setpriv --bounding-set=...`), in the gateway namespace.
+    ///
+    /// # Errors
+    /// Fails if a namespace, a link or the agent cannot be set up.
+    pub fn start_wrapped(binary: &Path, users: u8, wrapper: &[&str]) -> Result<Self> {
         // Gateway and company server.
         let gateway = Netns::new("lgw")?;
         let company = Netns::new("lco")?;
@@ -105,7 +127,7 @@ impl Lab {
         let config = format!(
             "[agent]\nstate_dir = \"{0}/state\"\nsocket = \"{0}/agent.sock\"\npin_dir = \"{1}\"\n\
              login_server = \"{GATEWAY_PUBLIC}:{LOGIN_PORT}\"\n\
-             login_listen = \"0.0.0.0:{LOGIN_PORT}\"\nsession_idle_s = 240\n",
+             login_listen = \"0.0.0.0:{LOGIN_PORT}\"\nsession_idle_s = {SESSION_IDLE_S}\n",
             dir.display(),
             pin_dir.display()
         );
@@ -119,6 +141,7 @@ impl Lab {
             dir,
             pin_dir,
             agent: std::sync::Mutex::new(None),
+            agent_wrapper: wrapper.iter().map(|part| (*part).to_owned()).collect(),
         };
         lab.start_agent()?;
         Ok(lab)
@@ -132,6 +155,7 @@ impl Lab {
         let log = std::fs::File::create(self.dir.join("agent.log"))?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.gateway.name()))
+            .args(&self.agent_wrapper)
             .arg(&self.binary)
             .args(["run", "--config"])
             .arg(self.dir.join("agent.toml"))
@@ -169,6 +193,24 @@ impl Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Rewrites the agent configuration with `session_idle_s` set to `seconds` instead of
+    /// [`SESSION_IDLE_S`], and restarts the agent with it.
+    ///
+    /// # Errors
+    /// Fails if the configuration has no `session_idle_s = SESSION_IDLE_S` line, which is the
+    /// case after an earlier call, if it cannot be rewritten, or if the agent does not start.
+    pub fn restart_agent_with_session_idle(&self, seconds: u64) -> Result<()> {
+        let path = self.dir.join("agent.toml");
+        let config = std::fs::read_to_string(&path)?;
+        let line = format!("session_idle_s = {SESSION_IDLE_S}\n");
+        if !config.contains(&line) {
+            bail!("missing {line:?} in {}: {config}", path.display());
+        }
+        std::fs::write(&path, config.replace(&line, &format!("session_idle_s = {seconds}\n")))?;
+        self.stop_agent();
+        self.start_agent()
     }
 
     /// Returns the agent's log output so far.
@@ -237,6 +279,22 @@ impl Lab {
         Ok((id, fingerprint))
     }
 
+    /// Returns the kernel counters of the client at `address`, or `None` if the kernel has no
+    /// client there. They come from the maps the agent pinned under [`Lab::pin_dir`].
+    ///
+    /// # Errors
+    /// Fails if the pinned maps cannot be opened or read.
+    pub fn counters(&self, address: Ipv4Addr) -> Result<Option<ClientCounters>> {
+        let clients = PinnedCounters::open(&self.pin_dir)?.clients()?;
+        Ok(clients.get(&address).copied())
+    }
+
+    /// Returns the path of the password file that [`Lab::create_account`] writes for
+    /// `username`.
+    pub fn password_file(&self, username: &str) -> PathBuf {
+        self.dir.join(format!("{username}.password"))
+    }
+
     /// Creates an account with the password `Pw_USERNAME_2026`, written to a file in the lab
     /// directory, and returns the path of that file.
     ///
@@ -249,7 +307,7 @@ impl Lab {
         bandwidth_kbps: u32,
         static_ip: Option<Ipv4Addr>,
     ) -> Result<PathBuf> {
-        let password_file = self.dir.join(format!("{username}.password"));
+        let password_file = self.password_file(username);
         std::fs::write(&password_file, format!("Pw_{username}_2026\n"))?;
         let bandwidth = bandwidth_kbps.to_string();
         let email = format!("{username}@example.com");
@@ -294,18 +352,7 @@ impl Lab {
     /// Returns the login arguments of `connect` and `client-config` for `username`, with the
     /// password file that [`Lab::create_account`] wrote.
     pub fn login_args(&self, fingerprint: &str, instance: &str, username: &str) -> Vec<String> {
-        vec![
-            "--server".to_owned(),
-            format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
-            "--fingerprint".to_owned(),
-            fingerprint.to_owned(),
-            "--instance".to_owned(),
-            instance.to_owned(),
-            "--username".to_owned(),
-            username.to_owned(),
-            "--password-file".to_owned(),
-            self.dir.join(format!("{username}.password")).display().to_string(),
-        ]
+        login_args_with_file(fingerprint, instance, username, &self.password_file(username))
     }
 
     /// Returns the run directory of user `n`'s `connect`.
@@ -343,6 +390,31 @@ impl Lab {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
+    /// Runs `sag-agent connect` as user `n` with the password in `password_file`, a new run
+    /// directory and no DNS changes, and returns its output, whatever its exit status. It is
+    /// meant for logins that a test expects to be rejected.
+    ///
+    /// NOTE: a login that succeeds leaves its tunnel process running after the lab is dropped,
+    /// because [`Lab`]'s drop disconnects only the run directories of [`Lab::connect`].
+    ///
+    /// # Errors
+    /// Fails if the process cannot be started.
+    pub fn try_connect(
+        &self,
+        n: usize,
+        fingerprint: &str,
+        instance: &str,
+        username: &str,
+        password_file: &Path,
+    ) -> Result<Output> {
+        let run_dir = self.dir.join(unique_name("run")).display().to_string();
+        let mut args = vec!["connect".to_owned()];
+        args.extend(login_args_with_file(fingerprint, instance, username, password_file));
+        args.extend(["--run-dir".to_owned(), run_dir, "--no-dns".to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.user_command(n, &args)
+    }
+
     /// Disconnects user `n` with `sag-agent disconnect` and returns its standard output,
     /// trimmed.
     ///
@@ -369,6 +441,89 @@ impl Drop for Lab {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+/// Returns the login arguments of `connect` and `client-config` for `username` with the
+/// password in `password_file`.
+fn login_args_with_file(
+    fingerprint: &str,
+    instance: &str,
+    username: &str,
+    password_file: &Path,
+) -> Vec<String> {
+    vec![
+        "--server".to_owned(),
+        format!("{GATEWAY_PUBLIC}:{LOGIN_PORT}"),
+        "--fingerprint".to_owned(),
+        fingerprint.to_owned(),
+        "--instance".to_owned(),
+        instance.to_owned(),
+        "--username".to_owned(),
+        username.to_owned(),
+        "--password-file".to_owned(),
+        password_file.display().to_string(),
+    ]
+}
+
+/// Parses the client address from the line `Connected to intranet as ADDRESS (...)` that
+/// [`Lab::connect`] returns.
+///
+/// # Errors
+/// Fails if the line has another form or ADDRESS is not an IPv4 address.
+pub fn connected_address(line: &str) -> Result<Ipv4Addr> {
+    let rest = line
+        .strip_prefix("Connected to intranet as ")
+        .with_context(|| format!("missing \"Connected to intranet as\" in {line:?}"))?;
+    let address = rest.split(' ').next().unwrap_or_default();
+    address.parse().with_context(|| format!("invalid IPv4 address {address:?} in {line:?}"))
+}
+
+/// Pings the company server from `netns` `count` times, every 200 ms, with `size` bytes of ICMP
+/// payload, and returns the number of replies.
+///
+/// # Errors
+/// Fails if ping cannot be started or prints no summary. Lost echo requests are no error.
+pub fn ping(netns: &Netns, count: u32, size: u32) -> Result<u32> {
+    ping_with_interval(netns, count, size, PING_INTERVAL)
+}
+
+/// Pings the company server like [`ping`], with `interval` between the echo requests, and
+/// returns the number of replies.
+///
+/// # Errors
+/// Fails if ping cannot be started or prints no summary. Lost echo requests are no error.
+pub fn ping_with_interval(netns: &Netns, count: u32, size: u32, interval: Duration) -> Result<u32> {
+    let summary = ping_summary(netns, count, size, interval)?;
+    // The second field of "5 packets transmitted, 5 received, 0% packet loss, time 803ms".
+    let received = summary.split(", ").nth(1).and_then(|field| field.split(' ').next());
+    received
+        .and_then(|replies| replies.parse().ok())
+        .with_context(|| format!("no number of replies in ping's summary {summary:?}"))
+}
+
+/// Pings the company server from `netns` `count` times, every `interval`, with `size` bytes of
+/// ICMP payload, and returns ping's summary line, such as `5 packets transmitted, 5 received,
+/// 0% packet loss, time 803ms`. Each reply is awaited for at most 2 s.
+///
+/// # Errors
+/// Fails if ping cannot be started or prints no summary. Lost echo requests are no error.
+pub fn ping_summary(netns: &Netns, count: u32, size: u32, interval: Duration) -> Result<String> {
+    let interval = interval.as_secs_f64().to_string();
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns.name(), "ping", "-n", "-q", "-i", &interval, "-W", "2"])
+        .args(["-c", &count.to_string(), "-s", &size.to_string(), &COMPANY_SERVER.to_string()])
+        .output()
+        .context("failed to start ping")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    match text.lines().find(|line| line.contains("received")) {
+        Some(summary) => Ok(summary.to_owned()),
+        None => bail!("ping printed no summary: {text}{}", String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
+/// Waits 500 ms, so that packets in flight arrive before counters are compared.
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
 }
 
 /// Packet and byte counters of an interface, from `ip -s -j link`.

@@ -1,9 +1,11 @@
 //! Paced UDP traffic through a TUN tunnel and a receiver that timestamps what arrives, for
-//! rate-limit tests and benchmarks. Every sender stops after a fixed time.
+//! rate-limit tests and benchmarks, and TCP tests with iperf3 between namespaces. Every sender
+//! stops after a fixed time.
 
 use std::{
-    net::{Ipv4Addr, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -12,13 +14,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{bail, Context as _, Result};
 
-use super::{frames::udp, tun::Tun};
+use super::{frames::udp, netns::Netns, tun::Tun};
 
 /// Receive buffer of [`Receiver`] sockets, in bytes: room for a second of 100 Mbit/s, so that
 /// the socket never drops what the gateway delivered.
 const RECEIVE_BUFFER_BYTES: libc::c_int = 16 << 20;
+/// Maximum wait for an iperf3 server to listen.
+const IPERF3_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A UDP sink that records when each datagram arrived and its IP size.
 pub struct Receiver {
@@ -123,4 +127,84 @@ pub fn send_paced(
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(sent)
+}
+
+/// A one-shot iperf3 server, which exits after one test. It is killed when dropped if it still
+/// runs.
+pub struct Iperf3Server(Child);
+
+impl Iperf3Server {
+    /// Starts `iperf3 --server --one-off` in `netns` on `bind`:`port`, and waits until it
+    /// listens there.
+    ///
+    /// # Errors
+    /// Fails if iperf3 cannot be started, exits before it listens, or does not listen within
+    /// 10 s.
+    pub fn start(netns: &Netns, port: u16, bind: Ipv4Addr) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns.name(), "iperf3", "--server", "--one-off"])
+            .args(["--port", &port.to_string(), "--bind", &bind.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("failed to start iperf3 --server")?;
+        let mut server = Self(child);
+        // The server's output goes to /dev/null, so wait for its listening TCP socket, which
+        // UDP tests also use for their control connection.
+        let filter = format!("sport = :{port}");
+        let deadline = Instant::now() + IPERF3_START_TIMEOUT;
+        while netns.exec(&["ss", "-H", "-l", "-t", "-n", &filter])?.trim().is_empty() {
+            if let Some(status) = server.0.try_wait()? {
+                bail!("iperf3 --server on port {port} exited with {status} before it listened");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "iperf3 --server did not listen on port {port} within {} s",
+                    IPERF3_START_TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs an iperf3 TCP test from `client` to a one-shot server that it starts in `server_netns`
+/// on `server`, and returns the goodput the server received, in kbit/s. The client sends from
+/// `bind` if given, for `seconds` after one omitted second, and is stopped by `timeout` after
+/// `timeout_s` seconds.
+///
+/// # Errors
+/// Fails if the server cannot be started, or the client fails or prints no received rate.
+pub fn iperf3_tcp_goodput_kbps(
+    server_netns: &Netns,
+    server: SocketAddrV4,
+    client: &Netns,
+    bind: Option<Ipv4Addr>,
+    seconds: u32,
+    timeout_s: u32,
+) -> Result<f64> {
+    let iperf3_server = Iperf3Server::start(server_netns, server.port(), *server.ip())?;
+    let (timeout, address, port) =
+        (timeout_s.to_string(), server.ip().to_string(), server.port().to_string());
+    let mut command = vec!["timeout", &timeout, "iperf3", "--client", &address, "--port", &port];
+    let bind = bind.map(|address| address.to_string());
+    if let Some(bind) = &bind {
+        command.extend(["--bind", bind]);
+    }
+    let seconds = seconds.to_string();
+    command.extend(["--time", &seconds, "--omit", "1", "--json"]);
+    let output = client.exec(&command)?;
+    drop(iperf3_server);
+    let report: serde_json::Value = serde_json::from_str(&output)?;
+    let bits_per_second = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no end.sum_received.bits_per_second in {output}"))?;
+    Ok(bits_per_second / 1_000.0)
 }
