@@ -400,3 +400,43 @@ fn block_change_ends_outside_sessions() {
     assert_eq!(new, Ipv4Addr::new(10, 78, 0, 1));
     assert_eq!(ping(&lab.users[0], 2, 100).unwrap(), 2);
 }
+
+#[test]
+fn new_login_replaces_the_session() {
+    let lab = lab(2);
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "hana-twice", 512, None).unwrap();
+    let line = lab.connect(0, &fingerprint, &instance, "hana-twice").unwrap();
+    let first = connected_address(&line).unwrap();
+    assert_eq!(ping(&lab.users[0], 2, 100).unwrap(), 2);
+
+    // The same account exports a configuration from another machine: a new login.
+    let out = lab.dir.join("hana.conf");
+    let mut args = vec!["client-config".to_owned()];
+    args.extend(lab.login_args(&fingerprint, &instance, "hana-twice"));
+    args.extend(["--out".to_owned(), out.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = lab.user_command(1, &args).unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let config = std::fs::read_to_string(&out).unwrap();
+    let second: Ipv4Addr = config
+        .lines()
+        .find_map(|line| line.strip_prefix("Address = "))
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap();
+    assert_ne!(second, first, "a dynamic account gets another address");
+
+    // One session: the first address left the kernel, and its tunnel carries nothing more.
+    let details: Value =
+        serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
+            .unwrap();
+    assert_eq!(details["instance"]["tunnel"]["sessions"], 1);
+    assert_eq!(lab.counters(first).unwrap(), None);
+    assert!(lab.counters(second).unwrap().is_some());
+    assert_eq!(ping(&lab.users[0], 2, 100).unwrap(), 0, "the replaced session is cut off");
+    let wireguard = WireguardGo::start(&lab.users[1], &out).unwrap();
+    assert_eq!(ping(&lab.users[1], 2, 100).unwrap(), 2);
+    drop(wireguard);
+}
