@@ -2,7 +2,7 @@
 //! network namespaces. The agent runs from a real configuration file; the demo drives it
 //! through its CLI as an admin would, connects one user with `sag-agent connect` and one with
 //! wireguard-go from an exported configuration, runs iperf3 and ping through the tunnels, and
-//! shows what the box sees. Run through `cargo xtask demo [--keep]`, as root.
+//! prints what the box counted. Run through `cargo xtask demo [--keep]`, as root.
 //!
 //! All traffic stays inside the namespaces this program creates, and every generator stops
 //! after a fixed time. Everything is removed on exit, unless `--keep` is given.

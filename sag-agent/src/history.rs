@@ -2,8 +2,8 @@
 //! row per account that moved traffic, and adds the bytes to the account's monthly usage.
 //! `sag-agent monitor` reads the rows back; billing reads the monthly usage.
 //!
-//! A restart loses at most one interval: the counters are pinned and keep counting, but the
-//! agent only knows how far it had recorded them in memory, so its first reading after a start
+//! A restart loses at most one interval. The counters are pinned and keep counting, but the
+//! agent keeps the totals it last recorded in memory only, so its first reading after a start
 //! is a new baseline.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -23,7 +23,7 @@ use crate::{
 pub const RECORD_INTERVAL: Duration = Duration::from_secs(60);
 /// Days of history kept; older rows are deleted.
 pub const HISTORY_DAYS: i64 = 16;
-/// Longest range `monitor` returns at once, in minutes: 15 days.
+/// Maximum range `monitor` returns at once, in minutes: 15 days.
 pub const MAX_MONITOR_MINUTES: i64 = 15 * 24 * 60;
 
 /// Traffic in one minute.

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::{table, ClientOptions};
 use crate::{api::AccountTraffic, api_client::ApiClient, validation};
 
-/// Shortest interval between two prints, in seconds.
+/// Minimum interval between two prints, in seconds.
 const MIN_INTERVAL_S: f64 = 0.2;
-/// Longest interval between two prints, in seconds.
+/// Maximum interval between two prints, in seconds.
 const MAX_INTERVAL_S: f64 = 3_600.0;
 
 /// Arguments of `sag-agent traffic`.
@@ -190,7 +190,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_account_counts_from_zero() {
+    fn rates_of_a_new_account_start_at_zero() {
         let rates = rates(&[], &[traffic(8_000, 0, 0)], 1.0);
         assert_eq!(rates[0].rx_bits_per_second, 64_000.0);
     }
