@@ -48,11 +48,16 @@ fn main() -> Result<()> {
     print!("{}", std::fs::read_to_string(lab.dir.join("agent.toml"))?);
     let result = run(&lab, keep);
     if keep {
-        print_keep_help(&lab, result.as_ref().ok().map(WireguardGo::pid));
+        let (wireguard, instance) = match &result {
+            Ok((wireguard, instance)) => (Some(wireguard), Some(instance.as_str())),
+            Err(_) => (None, None),
+        };
+        print_keep_help(&lab, wireguard, instance);
         // The lab and bob's wireguard-go stay up; the printed commands remove them.
+        let outcome = result.as_ref().map(|_| ()).map_err(|error| anyhow::anyhow!("{error:#}"));
         std::mem::forget(result);
         std::mem::forget(lab);
-        return Ok(());
+        return outcome;
     }
     let outcome = result.map(drop);
     drop(lab);
@@ -72,8 +77,9 @@ fn admin(lab: &Lab, args: &[&str]) -> Result<String> {
     Ok(output)
 }
 
-/// Runs the demo on `lab` and returns bob's wireguard-go, which stops when dropped.
-fn run(lab: &Lab, keep: bool) -> Result<WireguardGo> {
+/// Runs the demo on `lab` and returns bob's wireguard-go, which stops when dropped, and the
+/// instance ID.
+fn run(lab: &Lab, keep: bool) -> Result<(WireguardGo, String)> {
     heading("An admin creates an instance and its network");
     let output = admin(
         lab,
@@ -228,7 +234,7 @@ fn run(lab: &Lab, keep: bool) -> Result<WireguardGo> {
         heading("alice disconnects");
         println!("{}", lab.disconnect(0)?);
     }
-    Ok(wireguard)
+    Ok((wireguard, instance))
 }
 
 /// Pings the company server `count` times from `netns`.
@@ -258,7 +264,7 @@ fn iperf3_client(netns: &Netns, port: u16) -> Result<Child> {
         .context("failed to start iperf3")
 }
 
-fn print_keep_help(lab: &Lab, wireguard_pid: Option<u32>) {
+fn print_keep_help(lab: &Lab, wireguard: Option<&WireguardGo>, instance: Option<&str>) {
     let dir = &lab.dir;
     let socket = lab.socket();
     let agent =
@@ -266,11 +272,18 @@ fn print_keep_help(lab: &Lab, wireguard_pid: Option<u32>) {
     heading("Left running (--keep)");
     println!("look around:");
     println!("  {}", agent("instance list"));
-    println!("  {}", agent("traffic <ID> --count 5"));
-    println!("  {}", agent("monitor <ID>"));
+    let id = instance.unwrap_or("<ID>");
+    println!("  {}", agent(&format!("traffic {id} --count 5")));
+    println!("  {}", agent(&format!("monitor {id}")));
     println!("  ip netns exec {} ping -c 3 {COMPANY_SERVER}", lab.users[1].name());
     println!("  tail -f {}", dir.join("agent.log").display());
     println!("clean up:");
+    println!(
+        "  nsenter --net=/run/netns/{} {} disconnect --run-dir {}   # alice's tunnel",
+        lab.users[0].name(),
+        lab.binary.display(),
+        lab.run_dir(0).display()
+    );
     if let Some(pid) = lab.agent_pid() {
         println!("  kill {pid}            # the agent");
     }
@@ -278,8 +291,8 @@ fn print_keep_help(lab: &Lab, wireguard_pid: Option<u32>) {
         println!("  ip netns del {}", netns.name());
     }
     println!("  rm -rf {} {}", dir.display(), lab.pin_dir.display());
-    if let Some(pid) = wireguard_pid {
-        println!("  kill {pid}            # bob's wireguard-go");
+    if let Some(wireguard) = wireguard {
+        println!("  kill {}            # bob's wireguard-go", wireguard.pid());
+        println!("  rm -f /var/run/wireguard/{}.sock", wireguard.name);
     }
-    println!("  rm -f /var/run/wireguard/lwg*.sock");
 }

@@ -440,3 +440,36 @@ fn new_login_replaces_the_session() {
     assert_eq!(ping(&lab.users[1], 2, 100).unwrap(), 2);
     drop(wireguard);
 }
+
+#[test]
+fn watch_refuses_the_agents_clients() {
+    let lab = lab(0);
+    let (instance, _) = lab.create_instance().unwrap();
+    let address = Ipv4Addr::new(10, 77, 0, 50);
+    lab.create_account(&instance, "ivan-static", 512, Some(address)).unwrap();
+    let before = sag_agent::dataplane::PinnedCounters::open(&lab.pin_dir)
+        .unwrap()
+        .client_record(address)
+        .unwrap()
+        .unwrap();
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.gateway.name()))
+        .arg(&lab.binary)
+        .args(["dataplane", "watch", "--tunnel", "sagwg1", "--framing", "l3", "--count", "1"])
+        .args(["--client", &address.to_string(), "--pin-dir"])
+        .arg(&lab.pin_dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid --client 10.77.0.50: it is a client of instance number"),
+        "{stderr}"
+    );
+    let after = sag_agent::dataplane::PinnedCounters::open(&lab.pin_dir)
+        .unwrap()
+        .client_record(address)
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, before, "the agent's record is unchanged");
+}

@@ -28,7 +28,9 @@ enum Job {
     /// Run every check and test: formatting, clippy, host unit tests, BPF_PROG_TEST_RUN tests
     /// and kernel tests in network namespaces. Needs root.
     Test(test::Options),
-    /// Show the kernel programs counting real traffic in a namespace topology. Needs root.
+    /// Run the whole product on real traffic in network namespaces: the agent, two users (one
+    /// with `sag-agent connect`, one with wireguard-go), live rates, history and metrics.
+    /// Needs root.
     Demo(demo::Options),
     /// Measure the kernel programs (`dataplane`) and the tunnel throughput (`tunnel`) as ratios
     /// against baselines of the same run. Needs root.

@@ -149,6 +149,21 @@ fn watch(args: WatchArgs) -> Result<()> {
             earlier.join(", ")
         );
     }
+    // The agent's clients belong to an instance; writing them here would overwrite their
+    // records and cut them off.
+    for client in &args.clients {
+        if let Ok(existing) = dataplane.client_settings(*client) {
+            if existing.instance != 0 {
+                bail!(
+                    "invalid --client {client}: it is a client of instance number {} of the agent \
+                     that uses {}, and watching it would overwrite its record; give watch \
+                     another --pin-dir",
+                    existing.instance,
+                    args.pin_dir.display()
+                );
+            }
+        }
+    }
     dataplane.attach(&args.tunnel, framing)?;
     let limit = args.rate_kbps.map_or(RateLimit::UNLIMITED, RateLimit::with_default_burst);
     let settings = ClientSettings { rx: limit, tx: limit, ..ClientSettings::default() };

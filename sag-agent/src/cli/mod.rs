@@ -77,6 +77,13 @@ enum Command {
 /// # Errors
 /// Returns the command's error, for `main` to print and map to an exit code.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Run(_) | Command::TunnelProcess | Command::Connect(_)) {
+        // A command whose output goes to a pipe that closes early (`| head`) ends quietly, as
+        // Unix tools do, instead of panicking on the failed write. The long-running processes
+        // keep Rust's default, which turns a closed socket into an error, not a signal.
+        // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Run(args) => daemon::run(args),
         Command::Instance(command) => admin::run_instance(command),
