@@ -1,10 +1,10 @@
 //! The WireGuard side of the box: one gotatun device per instance, and the sessions of the
 //! clients that logged in on them.
 //!
-//! A login checks the credentials, picks the client's address, adds the client's key as a peer
-//! whose only allowed IP is that address, and writes the address with the account's limits into
-//! the kernel maps, so that the programs on the device count and police it. Sessions are kept in
-//! the store, so that the peers come back after a restart.
+//! A login checks the credentials and picks the client's address. It adds the client's key as a
+//! peer whose only allowed IP is that address, and writes the address with the account's limits
+//! into the kernel maps, so that the programs on the device count and police it. Sessions are
+//! kept in the store, so that the peers come back after a restart.
 
 use std::{
     collections::HashMap,
@@ -64,7 +64,7 @@ pub struct GatewaySettings {
     pub session_idle: Duration,
 }
 
-/// What a client sends to log in.
+/// Login request of a client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoginRequest {
     pub instance: String,
@@ -78,7 +78,7 @@ pub struct LoginRequest {
     pub persistent: bool,
 }
 
-/// What a client gets back from a login.
+/// Reply to a successful login.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoginReply {
     /// The client's address in the tunnel.
@@ -97,7 +97,7 @@ pub struct LoginReply {
     pub token: String,
 }
 
-/// What a client sends to log out.
+/// Logout request of a client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogoutRequest {
     pub instance: String,
@@ -105,7 +105,7 @@ pub struct LogoutRequest {
     pub token: String,
 }
 
-/// Why a login or logout was refused. The messages are for the end user.
+/// Reason a login or logout was rejected. The messages are for the end user.
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
     #[error("invalid {field} {value:?}: {rule}")]
@@ -389,7 +389,7 @@ impl Gateway {
         Ok(())
     }
 
-    /// Takes an instance's tunnel down and forgets it, before the instance is deleted.
+    /// Takes an instance's tunnel down and drops it from the gateway, before the instance is deleted.
     ///
     /// # Errors
     /// Fails if the programs cannot be detached.
@@ -472,8 +472,8 @@ impl Gateway {
             .build()
             .await
             .map_err(|error| failed(error.to_string()))?;
-        // A device built without peers binds no socket; setting the port binds it now, so
-        // that a port in use fails here rather than at the first login.
+        // A device built without peers binds no socket. Setting the port binds it now, so that
+        // a port in use fails here rather than at the first login.
         device.set_listen_port(port).await.map_err(|error| failed(error.to_string()))?;
         let ifindex = self.netlink.ifindex(&name).await?;
         netlink::disable_ipv6(&name)?;
@@ -961,7 +961,7 @@ mod tests {
     }
 
     #[test]
-    fn throttle_refuses_from_the_limit_until_the_window_ends() {
+    fn throttle_limit_and_window() {
         let mut throttle = Throttle::default();
         for n in 0..MAX_LOGIN_FAILURES - 1 {
             throttle.fail("a".to_owned(), at(i64::from(n)));
