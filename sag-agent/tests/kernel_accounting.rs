@@ -35,7 +35,7 @@ struct Ledger(BTreeMap<Ipv4Addr, ClientCounters>);
 
 impl Ledger {
     fn record(&mut self, client: Ipv4Addr, direction: Direction, ip_bytes: usize) {
-        self.0.entry(client).or_default().record(direction, ip_bytes as u64);
+        self.0.entry(client).or_default().record(direction, PacketCounter::one(ip_bytes as u64));
     }
 }
 

@@ -15,7 +15,7 @@ use sag_agent::{
             bind_udp, client_address, ethernet_client_address, EthernetTopology, TunTopology,
             LAN_SERVER,
         },
-        traffic::{iperf3_tcp_goodput_kbps, rate_kbps, send_paced, Flow, Receiver},
+        traffic::{iperf3_tcp_goodput_kbps, rate_kbps, send_paced, Flow, Receiver, TcpDirection},
     },
 };
 use sag_common::{
@@ -286,9 +286,10 @@ fn drop_reasons_in_namespaces() {
     assert_eq!(spoofed.counter, PacketCounter { packets: 3, bytes: 3 * bytes });
 }
 
-/// Runs a 10-second TCP test from a client behind an Ethernet link limited to `rate` kbit/s
-/// each way, and returns the goodput the server received, in kbit/s.
-fn tcp_goodput(rate: u32, port: u16) -> f64 {
+/// Runs a 10-second TCP test between a client behind an Ethernet link limited to `rate`
+/// kbit/s each way and the company server, with the data flowing in `direction`, and returns
+/// the goodput the receiving end got, in kbit/s.
+fn tcp_goodput(rate: u32, port: u16, direction: TcpDirection) -> f64 {
     let _measuring = measuring();
     let topology = EthernetTopology::new(false, 1).unwrap();
     let mut dataplane = Dataplane::load(None).expect("programs must load (run as root)");
@@ -302,34 +303,52 @@ fn tcp_goodput(rate: u32, port: u16) -> f64 {
     dataplane.add_client(client, &settings).unwrap();
 
     let server = SocketAddrV4::new(LAN_SERVER, port);
-    let goodput =
-        iperf3_tcp_goodput_kbps(&topology.lan, server, &topology.clients, Some(client), 10, 30)
-            .unwrap();
+    let goodput = iperf3_tcp_goodput_kbps(
+        &topology.lan,
+        server,
+        &topology.clients,
+        Some(client),
+        direction,
+        10,
+        30,
+    )
+    .unwrap();
     let counters: ClientCounters = dataplane.client_counters(client).unwrap();
     assert!(counters.rx_packets > 0);
+    assert!(counters.tx_packets > 0);
     goodput
+}
+
+/// Asserts that `goodput` is 85 % to 105 % of the limit `rate`, both in kbit/s.
+fn assert_goodput(name: &str, goodput: f64, rate: u32) {
+    let ratio = goodput / f64::from(rate);
+    eprintln!("TCP {name} at {rate} kbit/s: goodput {goodput:.1} kbit/s (ratio {ratio:.3})");
+    assert!(
+        (0.85..=1.05).contains(&ratio),
+        "{name}: goodput {goodput:.1} kbit/s at {rate} (ratio {ratio:.3})"
+    );
 }
 
 #[test]
 fn tcp_goodput_512_kbps() {
-    let goodput = tcp_goodput(512, 5211);
-    let ratio = goodput / 512.0;
-    eprintln!("TCP at 512 kbit/s: goodput {goodput:.1} kbit/s (ratio {ratio:.3})");
-    assert!(
-        (0.85..=1.05).contains(&ratio),
-        "goodput {goodput:.1} kbit/s at 512 (ratio {ratio:.3})"
-    );
+    assert_goodput("upload", tcp_goodput(512, 5211, TcpDirection::Upload), 512);
 }
 
 #[test]
 fn tcp_goodput_2000_kbps() {
-    let goodput = tcp_goodput(2_000, 5212);
-    let ratio = goodput / 2_000.0;
-    eprintln!("TCP at 2,000 kbit/s: goodput {goodput:.1} kbit/s (ratio {ratio:.3})");
-    assert!(
-        (0.85..=1.05).contains(&ratio),
-        "goodput {goodput:.1} kbit/s at 2,000 (ratio {ratio:.3})"
-    );
+    assert_goodput("upload", tcp_goodput(2_000, 5212, TcpDirection::Upload), 2_000);
+}
+
+/// Downloads reach TC egress as segmentation-offload packets of several segments each, which
+/// the bucket must charge and pass as the segments they become.
+#[test]
+fn tcp_download_goodput_512_kbps() {
+    assert_goodput("download", tcp_goodput(512, 5213, TcpDirection::Download), 512);
+}
+
+#[test]
+fn tcp_download_goodput_2000_kbps() {
+    assert_goodput("download", tcp_goodput(2_000, 5214, TcpDirection::Download), 2_000);
 }
 
 /// Sends UDP from the server to one client at twice its tx limit for 6 s, reading what the

@@ -300,7 +300,9 @@ fn crafted_frames_verdicts_and_counters() {
         }
         let mut expected_client = clients_before;
         match case.expect {
-            Expect::Client { direction, bytes } => expected_client.record(direction, bytes),
+            Expect::Client { direction, bytes } => {
+                expected_client.record(direction, PacketCounter::one(bytes))
+            }
             Expect::Interface { direction, kind, bytes } => {
                 let before = interface_total(&interfaces_before, direction, kind);
                 let after = interface_total(&interfaces_after, direction, kind);

@@ -19,7 +19,7 @@ use sag_agent::{
     testing::{
         lab::{connected_address, link_stats, ping, settle, Lab, LinkStats, COMPANY_SERVER},
         netns::{unique_name, Netns},
-        traffic::iperf3_tcp_goodput_kbps,
+        traffic::{iperf3_tcp_goodput_kbps, TcpDirection},
         wireguard::WireguardGo,
     },
 };
@@ -38,14 +38,14 @@ fn lab(users: u8) -> Lab {
     Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), users).expect("lab starts (as root)")
 }
 
-/// Runs an iperf3 TCP test from `client` to the company server for `seconds`, plus one
-/// omitted second, and returns the goodput the server received, in kbit/s. `timeout` stops
-/// the client after 60 s.
-fn tcp_goodput(lab: &Lab, client: &Netns, seconds: u32) -> f64 {
+/// Runs an iperf3 TCP test between `client` and the company server in `direction` for
+/// `seconds`, plus one omitted second, and returns the goodput the receiving end got, in
+/// kbit/s. `timeout` stops the client after 60 s.
+fn tcp_goodput(lab: &Lab, client: &Netns, direction: TcpDirection, seconds: u32) -> f64 {
     // One port per test process. Callers hold the MEASURING lock, so calls never overlap.
     let port = 5300 + (std::process::id() % 500) as u16;
     let server = SocketAddrV4::new(COMPANY_SERVER, port);
-    iperf3_tcp_goodput_kbps(&lab.company, server, client, None, seconds, 60).unwrap()
+    iperf3_tcp_goodput_kbps(&lab.company, server, client, None, direction, seconds, 60).unwrap()
 }
 
 /// Asserts that `goodput` is 85 % to 105 % of the limit `rate`, both in kbit/s.
@@ -140,12 +140,21 @@ fn wireguard_go_with_exported_config() {
 
     let _measuring = measuring();
     let before = snapshot();
-    let goodput = tcp_goodput(&lab, user, 8);
+    let goodput = tcp_goodput(&lab, user, TcpDirection::Upload, 8);
     settle();
     let after = snapshot();
     assert_goodput("wireguard-go at 512 kbit/s", goodput, 512);
     assert_counters_match(before, after);
     assert!(after.0.rx_dropped.rate_limit.packets > 0, "the limit dropped packets: {:?}", after.0);
+
+    let before = snapshot();
+    let goodput = tcp_goodput(&lab, user, TcpDirection::Download, 8);
+    settle();
+    let after = snapshot();
+    assert_goodput("wireguard-go at 512 kbit/s, download", goodput, 512);
+    assert_counters_match(before, after);
+    let dropped = after.0.tx_dropped.rate_limit.packets - before.0.tx_dropped.rate_limit.packets;
+    assert!(dropped > 0, "the limit dropped packets toward the client: {:?}", after.0);
     drop(_measuring);
 
     // An exported configuration still works after the agent restarts, because the session is
@@ -205,13 +214,13 @@ fn connect_limits_disable_reconnect() {
         let snapshot =
             || (lab.counters(alice).unwrap().unwrap(), link_stats(user, "sag0").unwrap());
         let before = snapshot();
-        let goodput = tcp_goodput(&lab, user, 8);
+        let goodput = tcp_goodput(&lab, user, TcpDirection::Upload, 8);
         settle();
         assert_goodput("sag connect at 512 kbit/s", goodput, 512);
         assert_counters_match(before, snapshot());
         // A changed bandwidth applies at once to the existing session.
         lab.admin(&["account", "set", &instance, "alice-dyn", "--bandwidth", "1000"]).unwrap();
-        let goodput = tcp_goodput(&lab, user, 8);
+        let goodput = tcp_goodput(&lab, user, TcpDirection::Upload, 8);
         assert_goodput("sag connect after the change to 1,000 kbit/s", goodput, 1_000);
     }
 

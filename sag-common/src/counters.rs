@@ -79,30 +79,30 @@ impl DropCounters {
 }
 
 impl ClientCounters {
-    /// Adds one packet of `bytes` bytes in `direction`.
+    /// Adds `size` (packets and bytes) passed in `direction`.
     #[inline(always)]
-    pub fn record(&mut self, direction: Direction, bytes: u64) {
+    pub fn record(&mut self, direction: Direction, size: PacketCounter) {
         match direction {
             Direction::Rx => {
-                self.rx_packets += 1;
-                self.rx_bytes += bytes;
+                self.rx_packets += size.packets;
+                self.rx_bytes += size.bytes;
             }
             Direction::Tx => {
-                self.tx_packets += 1;
-                self.tx_bytes += bytes;
+                self.tx_packets += size.packets;
+                self.tx_bytes += size.bytes;
             }
         }
     }
 
-    /// Adds one dropped packet of `bytes` bytes in `direction`.
+    /// Adds `size` (packets and bytes) dropped in `direction` for `reason`.
     #[inline(always)]
-    pub fn record_drop(&mut self, direction: Direction, reason: DropReason, bytes: u64) {
+    pub fn record_drop(&mut self, direction: Direction, reason: DropReason, size: PacketCounter) {
         let dropped = match direction {
             Direction::Rx => &mut self.rx_dropped,
             Direction::Tx => &mut self.tx_dropped,
         };
         if let Some(counter) = dropped.get_mut(reason) {
-            counter.add(bytes);
+            counter.merge(&size);
         }
     }
 
@@ -196,14 +196,14 @@ pub struct PacketCounter {
 }
 
 impl PacketCounter {
-    /// Adds one packet of `bytes` bytes.
+    /// Builds the count of one packet of `bytes` bytes.
     #[inline(always)]
-    pub fn add(&mut self, bytes: u64) {
-        self.packets += 1;
-        self.bytes += bytes;
+    pub const fn one(bytes: u64) -> Self {
+        Self { packets: 1, bytes }
     }
 
-    /// Adds another CPU's share to this one.
+    /// Adds another count, such as another CPU's share or one packet's size, to this one.
+    #[inline(always)]
     pub fn merge(&mut self, other: &Self) {
         self.packets += other.packets;
         self.bytes += other.bytes;
@@ -261,8 +261,14 @@ mod tests {
     use super::*;
     use crate::packet::{Ipv4Summary, Malformed};
 
-    const HEADER: Ipv4Summary =
-        Ipv4Summary { source: 0x0a4d_0002, destination: 0xc612_0002, total_len: 1500 };
+    const HEADER: Ipv4Summary = Ipv4Summary {
+        source: 0x0a4d_0002,
+        destination: 0xc612_0002,
+        total_len: 1500,
+        protocol: 17,
+        header_len: 20,
+        transport_offset: 20,
+    };
 
     #[test]
     fn rx_goes_to_source_client() {
@@ -305,11 +311,11 @@ mod tests {
     #[test]
     fn record_and_merge_client_counters() {
         let mut cpu0 = ClientCounters::default();
-        cpu0.record(Direction::Rx, 100);
-        cpu0.record(Direction::Rx, 28);
-        cpu0.record(Direction::Tx, 1500);
+        cpu0.record(Direction::Rx, PacketCounter::one(100));
+        cpu0.record(Direction::Rx, PacketCounter::one(28));
+        cpu0.record(Direction::Tx, PacketCounter::one(1500));
         let mut cpu1 = ClientCounters::default();
-        cpu1.record(Direction::Tx, 20);
+        cpu1.record(Direction::Tx, PacketCounter::one(20));
         let mut total = ClientCounters::default();
         total.merge(&cpu0);
         total.merge(&cpu1);
@@ -323,11 +329,11 @@ mod tests {
     #[test]
     fn record_drop_by_reason() {
         let mut counters = ClientCounters::default();
-        counters.record_drop(Direction::Rx, DropReason::RateLimit, 100);
-        counters.record_drop(Direction::Rx, DropReason::RateLimit, 50);
-        counters.record_drop(Direction::Rx, DropReason::NotAllowed, 28);
-        counters.record_drop(Direction::Tx, DropReason::Blocked, 1500);
-        counters.record_drop(Direction::Tx, DropReason::Spoofed, 1500);
+        counters.record_drop(Direction::Rx, DropReason::RateLimit, PacketCounter::one(100));
+        counters.record_drop(Direction::Rx, DropReason::RateLimit, PacketCounter::one(50));
+        counters.record_drop(Direction::Rx, DropReason::NotAllowed, PacketCounter::one(28));
+        counters.record_drop(Direction::Tx, DropReason::Blocked, PacketCounter::one(1500));
+        counters.record_drop(Direction::Tx, DropReason::Spoofed, PacketCounter::one(1500));
         assert_eq!(counters.rx_dropped.rate_limit, PacketCounter { packets: 2, bytes: 150 });
         assert_eq!(counters.rx_dropped.not_allowed, PacketCounter { packets: 1, bytes: 28 });
         assert_eq!(counters.rx_dropped.blocked, PacketCounter::default());

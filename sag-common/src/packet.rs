@@ -65,6 +65,12 @@ pub struct Ipv4Summary {
     pub destination: u32,
     /// The header's total length field: the packet's size from the IP header on, in bytes.
     pub total_len: u16,
+    /// The IP protocol number of the payload (6 for TCP, 17 for UDP).
+    pub protocol: u8,
+    /// Length of the IPv4 header with its options, in bytes (IHL times 4).
+    pub header_len: u8,
+    /// Offset of the transport header from the start of the frame, in bytes.
+    pub transport_offset: u16,
 }
 
 /// Protocols other than IPv4, which the programs pass untouched and count per interface.
@@ -189,12 +195,68 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(packet: &P, offset: usize) -> Parsed {
         source: u32::from_be_bytes([header[12], header[13], header[14], header[15]]),
         destination: u32::from_be_bytes([header[16], header[17], header[18], header[19]]),
         total_len,
+        protocol: header[9],
+        header_len: header_len as u8,
+        transport_offset: (offset + header_len) as u16,
     })
+}
+
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// Length of a TCP header without options, in bytes.
+pub const TCP_MIN_HEADER_LEN: usize = 20;
+/// Length of a UDP header, in bytes.
+pub const UDP_HEADER_LEN: u32 = 8;
+
+/// Returns the length of the transport header that the kernel repeats in every segment of a
+/// segmentation-offload packet, in bytes: TCP's data offset, UDP's 8 bytes, and 0 for other
+/// protocols or a TCP header that is cut short.
+#[inline(always)]
+pub fn transport_header_len<P: PacketBytes + ?Sized>(packet: &P, header: &Ipv4Summary) -> u32 {
+    match header.protocol {
+        IPPROTO_TCP => {
+            match packet.read::<TCP_MIN_HEADER_LEN>(usize::from(header.transport_offset)) {
+                Some(tcp) => u32::from(tcp[12] >> 4) * 4,
+                None => 0,
+            }
+        }
+        IPPROTO_UDP => UDP_HEADER_LEN,
+        _ => 0,
+    }
+}
+
+/// Returns the packets and bytes that an IPv4 packet of `total_len` bytes becomes on the wire.
+///
+/// The kernel hands TC a TCP or UDP segmentation-offload packet (GSO, or GRO on a forwarded
+/// flow) whole, and cuts it into segments of `gso_size` payload bytes only after the TC egress
+/// hook. Every segment repeats the `headers_len` bytes of IP and transport headers. A
+/// `gso_size` of 0 means an ordinary packet, which is one packet of `total_len` bytes.
+///
+/// NOTE: IPv4 BIG TCP packets (over 64 KiB, total length field 0) are parsed as malformed and
+/// counted per interface; counting them per client would need the length from the socket
+/// buffer instead of the header.
+#[inline(always)]
+pub const fn wire_size(
+    total_len: u16,
+    headers_len: u32,
+    gso_size: u32,
+) -> crate::counters::PacketCounter {
+    let total = total_len as u64;
+    let headers = headers_len as u64;
+    if gso_size == 0 || total <= headers {
+        return crate::counters::PacketCounter::one(total);
+    }
+    let payload = total - headers;
+    let segments = payload.div_ceil(gso_size as u64);
+    crate::counters::PacketCounter { packets: segments, bytes: total + (segments - 1) * headers }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counters::PacketCounter;
 
     const CLIENT: [u8; 4] = [10, 77, 0, 2];
     const SERVER: [u8; 4] = [198, 18, 0, 2];
@@ -229,12 +291,22 @@ mod tests {
         frame
     }
 
-    fn summary(total_len: u16) -> Parsed {
+    /// Returns the summary of a UDP packet from [`ipv4`] of `total_len` bytes with a
+    /// `header_len`-byte IP header that starts `l3_offset` bytes into the frame.
+    fn summary_at(total_len: u16, header_len: u8, l3_offset: u16) -> Parsed {
         Parsed::Ipv4(Ipv4Summary {
             source: u32::from_be_bytes(CLIENT),
             destination: u32::from_be_bytes(SERVER),
             total_len,
+            protocol: IPPROTO_UDP,
+            header_len,
+            transport_offset: l3_offset + u16::from(header_len),
         })
+    }
+
+    /// Returns the summary of a UDP packet from [`ipv4`] without options on a layer-3 device.
+    fn summary(total_len: u16) -> Parsed {
+        summary_at(total_len, 20, 0)
     }
 
     #[test]
@@ -246,7 +318,7 @@ mod tests {
     #[test]
     fn l3_ipv4_with_options() {
         let packet = ipv4(8, 8);
-        assert_eq!(parse_frame(&packet[..36], Framing::L3), summary(36));
+        assert_eq!(parse_frame(&packet[..36], Framing::L3), summary_at(36, 28, 0));
     }
 
     #[test]
@@ -336,27 +408,27 @@ mod tests {
     #[test]
     fn ethernet_ipv4_untagged() {
         let frame = ethernet(&[ETHERTYPE_IPV4], &ipv4(0, 8)[..28]);
-        assert_eq!(parse_frame(&frame[..42], Framing::Ethernet), summary(28));
+        assert_eq!(parse_frame(&frame[..42], Framing::Ethernet), summary_at(28, 20, 14));
     }
 
     #[test]
     fn ethernet_padding_is_not_counted() {
         // A 28-byte packet in a minimum-size 60-byte frame.
         let frame = ethernet(&[ETHERTYPE_IPV4], &ipv4(0, 8)[..28]);
-        assert_eq!(parse_frame(&frame[..60], Framing::Ethernet), summary(28));
+        assert_eq!(parse_frame(&frame[..60], Framing::Ethernet), summary_at(28, 20, 14));
     }
 
     #[test]
     fn ethernet_ipv4_one_vlan_tag() {
         let frame = ethernet(&[ETHERTYPE_VLAN, ETHERTYPE_IPV4], &ipv4(0, 8)[..28]);
-        assert_eq!(parse_frame(&frame[..46], Framing::Ethernet), summary(28));
+        assert_eq!(parse_frame(&frame[..46], Framing::Ethernet), summary_at(28, 20, 18));
     }
 
     #[test]
     fn ethernet_qinq_outer_tag() {
         let mut frame = ethernet(&[ETHERTYPE_VLAN, ETHERTYPE_IPV4], &ipv4(0, 8)[..28]);
         frame[12..14].copy_from_slice(&ETHERTYPE_QINQ.to_be_bytes());
-        assert_eq!(parse_frame(&frame[..46], Framing::Ethernet), summary(28));
+        assert_eq!(parse_frame(&frame[..46], Framing::Ethernet), summary_at(28, 20, 18));
     }
 
     #[test]
@@ -413,5 +485,59 @@ mod tests {
             parse_frame(&frame[..46], Framing::Ethernet),
             Parsed::Other { protocol: OtherProtocol::Arp, l3_len: 28 }
         );
+    }
+
+    #[test]
+    fn wire_size_of_ordinary_packets() {
+        assert_eq!(wire_size(1500, 52, 0), PacketCounter::one(1500));
+        assert_eq!(wire_size(20, 20, 0), PacketCounter::one(20));
+        // A segmentation size on a packet with no payload changes nothing.
+        assert_eq!(wire_size(52, 52, 1448), PacketCounter::one(52));
+    }
+
+    #[test]
+    fn wire_size_of_offload_packets() {
+        // Payload of exactly one segment: one packet.
+        assert_eq!(wire_size(1500, 52, 1448), PacketCounter::one(1500));
+        // One byte more: two packets, the second repeats the 52 bytes of headers.
+        assert_eq!(wire_size(1501, 52, 1448), PacketCounter { packets: 2, bytes: 1553 });
+        // 45 full TCP segments with timestamps: 45 packets of 1,500 bytes.
+        let total = 52 + 45 * 1448;
+        assert_eq!(wire_size(total, 52, 1448), PacketCounter { packets: 45, bytes: 45 * 1500 });
+        // The largest IPv4 packet, cut into 1,448-byte segments: 45 full and one of 376 bytes.
+        assert_eq!(
+            wire_size(u16::MAX, 52, 1448),
+            PacketCounter { packets: 46, bytes: 45 * 1500 + 52 + (65_483 - 45 * 1448) }
+        );
+        // UDP segmentation: 8-byte header, 1,000-byte segments.
+        assert_eq!(
+            wire_size(28 + 3_000, 28, 1_000),
+            PacketCounter { packets: 3, bytes: 3 * 1_028 }
+        );
+    }
+
+    #[test]
+    fn transport_header_lengths() {
+        let mut packet = ipv4(0, 40);
+        packet[9] = IPPROTO_TCP;
+        // Data offset 8 words: a 32-byte TCP header (20 bytes and 12 of timestamps).
+        packet[20 + 12] = 8 << 4;
+        assert_eq!(transport_header_len(&packet[..60], &header_with(&packet, 60)), 32);
+        // A TCP header cut short counts as none.
+        let mut short = ipv4(0, 10);
+        short[9] = IPPROTO_TCP;
+        assert_eq!(transport_header_len(&short[..30], &header_with(&short, 30)), 0);
+        packet[9] = IPPROTO_UDP;
+        assert_eq!(transport_header_len(&packet[..60], &header_with(&packet, 60)), UDP_HEADER_LEN);
+        packet[9] = 1;
+        assert_eq!(transport_header_len(&packet[..60], &header_with(&packet, 60)), 0);
+    }
+
+    /// Parses the first `len` bytes of a layer-3 `packet` that must be IPv4.
+    fn header_with(packet: &[u8], len: usize) -> Ipv4Summary {
+        match parse_frame(&packet[..len], Framing::L3) {
+            Parsed::Ipv4(header) => header,
+            other => panic!("not IPv4: {other:?}"),
+        }
     }
 }

@@ -16,7 +16,7 @@ use sag_common::{
     counters::{
         target, ClientCounters, Direction, InterfaceKey, InterfaceKind, PacketCounter, Target,
     },
-    packet::{parse_frame, Framing, Parsed},
+    packet::{parse_frame, transport_header_len, wire_size, Framing, Parsed},
     policy::{
         admit, classify_destination, classify_source, destination_allowed, is_blocked, Client,
         DropReason, RateLimit, Source, Tunnel, ENFORCE_DESTINATIONS,
@@ -45,36 +45,42 @@ const BUCKET_ATTEMPTS: u32 = 4;
 
 #[xdp]
 pub fn sag_rx_l3(ctx: XdpContext) -> u32 {
-    xdp_verdict(enforce_rx(
-        ctx.ingress_ifindex() as u32,
-        &parse_frame(&XdpPacket(&ctx), Framing::L3),
-    ))
+    let parsed = parse_frame(&XdpPacket(&ctx), Framing::L3);
+    xdp_verdict(enforce_rx(ctx.ingress_ifindex() as u32, &parsed, xdp_size(&parsed)))
 }
 
 #[xdp]
 pub fn sag_rx_ethernet(ctx: XdpContext) -> u32 {
     let parsed = parse_frame(&XdpPacket(&ctx), Framing::Ethernet);
-    xdp_verdict(enforce_rx(ctx.ingress_ifindex() as u32, &parsed))
+    xdp_verdict(enforce_rx(ctx.ingress_ifindex() as u32, &parsed, xdp_size(&parsed)))
 }
 
 #[classifier]
 pub fn sag_rx_l3_tc(ctx: TcContext) -> i32 {
-    tc_verdict(enforce_rx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::L3)))
+    let packet = TcPacket(&ctx);
+    let parsed = parse_frame(&packet, Framing::L3);
+    tc_verdict(enforce_rx(skb_ifindex(&ctx), &parsed, tc_size(&packet, &parsed)))
 }
 
 #[classifier]
 pub fn sag_rx_ethernet_tc(ctx: TcContext) -> i32 {
-    tc_verdict(enforce_rx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::Ethernet)))
+    let packet = TcPacket(&ctx);
+    let parsed = parse_frame(&packet, Framing::Ethernet);
+    tc_verdict(enforce_rx(skb_ifindex(&ctx), &parsed, tc_size(&packet, &parsed)))
 }
 
 #[classifier]
 pub fn sag_tx_l3(ctx: TcContext) -> i32 {
-    tc_verdict(enforce_tx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::L3)))
+    let packet = TcPacket(&ctx);
+    let parsed = parse_frame(&packet, Framing::L3);
+    tc_verdict(enforce_tx(skb_ifindex(&ctx), &parsed, tc_size(&packet, &parsed)))
 }
 
 #[classifier]
 pub fn sag_tx_ethernet(ctx: TcContext) -> i32 {
-    tc_verdict(enforce_tx(skb_ifindex(&ctx), &parse_frame(&TcPacket(&ctx), Framing::Ethernet)))
+    let packet = TcPacket(&ctx);
+    let parsed = parse_frame(&packet, Framing::Ethernet);
+    tc_verdict(enforce_tx(skb_ifindex(&ctx), &parsed, tc_size(&packet, &parsed)))
 }
 
 /// Verdict of the programs on a packet.
@@ -106,15 +112,40 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Checks and counts a packet from the tunnel: its source must be a client of the tunnel's
-/// instance, not blocked, its destination allowed, and its size within the client's rx bucket.
+/// Returns the wire size of an IPv4 packet at XDP, which sees each packet on its own.
 #[inline(always)]
-fn enforce_rx(ifindex: u32, parsed: &Parsed) -> Verdict {
+fn xdp_size(parsed: &Parsed) -> PacketCounter {
+    match parsed {
+        Parsed::Ipv4(header) => PacketCounter::one(u64::from(header.total_len)),
+        _ => PacketCounter::one(0),
+    }
+}
+
+/// Returns the wire size of an IPv4 packet at TC: a segmentation-offload packet counts as the
+/// segments it becomes after the hook.
+#[inline(always)]
+fn tc_size(packet: &TcPacket, parsed: &Parsed) -> PacketCounter {
+    let Parsed::Ipv4(header) = parsed else {
+        return PacketCounter::one(0);
+    };
+    // SAFETY: the context's socket buffer is valid for the program's run.
+    let gso_size = unsafe { (*packet.0.skb.skb).gso_size };
+    if gso_size == 0 {
+        return PacketCounter::one(u64::from(header.total_len));
+    }
+    let headers = u32::from(header.header_len) + transport_header_len(packet, header);
+    wire_size(header.total_len, headers, gso_size)
+}
+
+/// Checks and counts a packet from the tunnel: its source must be a client of the tunnel's
+/// instance, not blocked, its destination allowed, and its `size` within the client's rx
+/// bucket.
+#[inline(always)]
+fn enforce_rx(ifindex: u32, parsed: &Parsed, size: PacketCounter) -> Verdict {
     let header = match parsed {
         Parsed::Ipv4(header) => *header,
         _ => return count_other(ifindex, Direction::Rx, parsed),
     };
-    let bytes = u64::from(header.total_len);
     let client = CLIENTS.get_ptr_mut(header.source);
     // SAFETY (here and below): a map value stays valid for the program's run, and the agent
     // replaces a client record whole rather than writing into it.
@@ -125,57 +156,56 @@ fn enforce_rx(ifindex: u32, parsed: &Parsed) -> Verdict {
         (Source::Spoofed, _) => {
             count_interface(
                 InterfaceKey::new(ifindex, Direction::Rx, InterfaceKind::Spoofed),
-                bytes,
+                size,
             );
             return Verdict::Drop;
         }
         _ => {
             let key = InterfaceKey::new(ifindex, Direction::Rx, InterfaceKind::UnknownIpv4);
-            count_interface(key, bytes);
+            count_interface(key, size);
             return Verdict::Pass;
         }
     };
     let record = unsafe { &*client };
     if is_blocked(record.flags) {
-        return drop_client(record.slot, Direction::Rx, DropReason::Blocked, bytes);
+        return drop_client(record.slot, Direction::Rx, DropReason::Blocked, size);
     }
     if record.flags & ENFORCE_DESTINATIONS != 0 {
         let destination = classify_destination(record, header.destination);
         if !destination_allowed(record.flags, destination) {
-            return drop_client(record.slot, Direction::Rx, DropReason::NotAllowed, bytes);
+            return drop_client(record.slot, Direction::Rx, DropReason::NotAllowed, size);
         }
     }
-    if !take_tokens(unsafe { &mut (*client).rx_tat_ns }, &record.rx, bytes) {
-        return drop_client(record.slot, Direction::Rx, DropReason::RateLimit, bytes);
+    if !take_tokens(unsafe { &mut (*client).rx_tat_ns }, &record.rx, size.bytes) {
+        return drop_client(record.slot, Direction::Rx, DropReason::RateLimit, size);
     }
-    count_client(record.slot, Direction::Rx, bytes);
+    count_client(record.slot, Direction::Rx, size);
     Verdict::Pass
 }
 
 /// Checks and counts a packet leaving toward the tunnel: a client destination must not be
-/// blocked, and the packet must fit the client's tx bucket.
+/// blocked, and the packet's `size` must fit the client's tx bucket.
 #[inline(always)]
-fn enforce_tx(ifindex: u32, parsed: &Parsed) -> Verdict {
+fn enforce_tx(ifindex: u32, parsed: &Parsed, size: PacketCounter) -> Verdict {
     let header = match parsed {
         Parsed::Ipv4(header) => *header,
         _ => return count_other(ifindex, Direction::Tx, parsed),
     };
-    let bytes = u64::from(header.total_len);
     let Some(client) = CLIENTS.get_ptr_mut(header.destination) else {
         count_interface(
             InterfaceKey::new(ifindex, Direction::Tx, InterfaceKind::UnknownIpv4),
-            bytes,
+            size,
         );
         return Verdict::Pass;
     };
     let record = unsafe { &*client };
     if is_blocked(record.flags) {
-        return drop_client(record.slot, Direction::Tx, DropReason::Blocked, bytes);
+        return drop_client(record.slot, Direction::Tx, DropReason::Blocked, size);
     }
-    if !take_tokens(unsafe { &mut (*client).tx_tat_ns }, &record.tx, bytes) {
-        return drop_client(record.slot, Direction::Tx, DropReason::RateLimit, bytes);
+    if !take_tokens(unsafe { &mut (*client).tx_tat_ns }, &record.tx, size.bytes) {
+        return drop_client(record.slot, Direction::Tx, DropReason::RateLimit, size);
     }
-    count_client(record.slot, Direction::Tx, bytes);
+    count_client(record.slot, Direction::Tx, size);
     Verdict::Pass
 }
 
@@ -215,45 +245,50 @@ fn take_tokens(tat_ns: *mut u64, limit: &RateLimit, bytes: u64) -> bool {
 #[inline(always)]
 fn count_other(ifindex: u32, direction: Direction, parsed: &Parsed) -> Verdict {
     if let Target::Interface { kind, bytes } = target(parsed, direction) {
-        count_interface(InterfaceKey::new(ifindex, direction, kind), u64::from(bytes));
+        let size = PacketCounter::one(u64::from(bytes));
+        count_interface(InterfaceKey::new(ifindex, direction, kind), size);
     }
     Verdict::Pass
 }
 
 #[inline(always)]
-fn count_client(slot: u32, direction: Direction, bytes: u64) {
+fn count_client(slot: u32, direction: Direction, size: PacketCounter) {
     if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU value is only touched by this CPU. The rx and tx programs write
         // different fields, and a hook does not nest in itself on one CPU.
-        unsafe { (*counters).record(direction, bytes) };
+        unsafe { (*counters).record(direction, size) };
     }
 }
 
 #[inline(always)]
-fn drop_client(slot: u32, direction: Direction, reason: DropReason, bytes: u64) -> Verdict {
+fn drop_client(
+    slot: u32,
+    direction: Direction,
+    reason: DropReason,
+    size: PacketCounter,
+) -> Verdict {
     if let Some(counters) = CLIENT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: as in `count_client`.
-        unsafe { (*counters).record_drop(direction, reason, bytes) };
+        unsafe { (*counters).record_drop(direction, reason, size) };
     }
     Verdict::Drop
 }
 
 #[inline(always)]
-fn count_interface(key: InterfaceKey, bytes: u64) {
+fn count_interface(key: InterfaceKey, size: PacketCounter) {
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {
         // SAFETY: as in `count_client`.
-        unsafe { (*counter).add(bytes) };
+        unsafe { (*counter).merge(&size) };
         return;
     }
     // The first packet of this key. If another CPU inserts it first, the insert fails and this
     // CPU's slot of the new entry is found on the second lookup.
-    let first = PacketCounter { packets: 1, bytes };
-    if INTERFACE_COUNTERS.insert(key, first, u64::from(BPF_NOEXIST)).is_ok() {
+    if INTERFACE_COUNTERS.insert(key, size, u64::from(BPF_NOEXIST)).is_ok() {
         return;
     }
     if let Some(counter) = INTERFACE_COUNTERS.get_ptr_mut(key) {
         // SAFETY: as above.
-        unsafe { (*counter).add(bytes) };
+        unsafe { (*counter).merge(&size) };
     }
 }
 

@@ -175,10 +175,19 @@ impl Drop for Iperf3Server {
     }
 }
 
-/// Runs an iperf3 TCP test from `client` to a one-shot server that it starts in `server_netns`
-/// on `server`, and returns the goodput the server received, in kbit/s. The client sends from
-/// `bind` if given, for `seconds` after one omitted second, and is stopped by `timeout` after
-/// `timeout_s` seconds.
+/// Which end of an iperf3 TCP test sends the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpDirection {
+    /// The client sends to the server.
+    Upload,
+    /// The server sends to the client (`iperf3 --reverse`).
+    Download,
+}
+
+/// Runs an iperf3 TCP test between `client` and a one-shot server that it starts in
+/// `server_netns` on `server`, and returns the goodput the receiving end got, in kbit/s. The
+/// client binds to `bind` if given, the data flows for `seconds` after one omitted second in
+/// `direction`, and `timeout` stops the client after `timeout_s` seconds.
 ///
 /// # Errors
 /// Fails if the server cannot be started, or the client fails or prints no received rate.
@@ -187,6 +196,7 @@ pub fn iperf3_tcp_goodput_kbps(
     server: SocketAddrV4,
     client: &Netns,
     bind: Option<Ipv4Addr>,
+    direction: TcpDirection,
     seconds: u32,
     timeout_s: u32,
 ) -> Result<f64> {
@@ -200,6 +210,9 @@ pub fn iperf3_tcp_goodput_kbps(
     }
     let seconds = seconds.to_string();
     command.extend(["--time", &seconds, "--omit", "1", "--json"]);
+    if direction == TcpDirection::Download {
+        command.push("--reverse");
+    }
     let output = client.exec(&command)?;
     drop(iperf3_server);
     let report: serde_json::Value = serde_json::from_str(&output)?;
