@@ -1234,5 +1234,25 @@ async fn check_static_ip(
             .transpose()?;
     let taken = holder.is_some_and(|holder| Some(holder.as_str()) != owner_username);
     validation::static_ip(address, &instance_blocks, |_| taken)?;
+    // A dynamic address that another account's session holds is taken too: the kernel keys
+    // clients by address, so two accounts on one address would share counters and limits.
+    let session =
+        sqlx::query("SELECT username FROM sessions WHERE instance_id = $1 AND address = $2")
+            .bind(instance_id)
+            .bind(address.to_string())
+            .fetch_optional(&mut **transaction)
+            .await?
+            .map(|row| row.try_get::<String, _>("username"))
+            .transpose()?;
+    if let Some(user) = session.filter(|user| Some(user.as_str()) != owner_username) {
+        return Err(ValidationError {
+            field: "static_ip",
+            rule: format!(
+                "is in use by a session of account {user}; disconnect it or pick another address"
+            ),
+            value: address.to_string(),
+        }
+        .into());
+    }
     Ok(())
 }

@@ -109,6 +109,15 @@ async fn fixture() -> Fixture {
     };
     admin.create_account(&instance, &existing).await.unwrap();
     admin.create_account(&instance, &account("mover001")).await.unwrap();
+    // mover001 is connected with the dynamic address 10.1.0.30.
+    sqlx::query(
+        "INSERT INTO sessions (instance_id, username, public_key, address, token_hash, \
+         persistent, started_at) VALUES ($1, 'mover001', 'key', '10.1.0.30', 'hash', 0, 0)",
+    )
+    .bind(&instance)
+    .execute(admin.store().pool())
+    .await
+    .unwrap();
     Fixture { _files: files, admin, instance, other }
 }
 
@@ -346,6 +355,12 @@ fn rejected_cases() -> Vec<Rejected> {
             "static IP of another account",
             Change::Account(with_static(Ipv4Addr::new(10, 1, 0, 9))),
             "invalid static_ip",
+        ),
+        case(
+            "static IP held by a session",
+            Change::Account(with_static(Ipv4Addr::new(10, 1, 0, 30))),
+            "invalid static_ip 10.1.0.30: is in use by a session of account mover001; \
+             disconnect it or pick another address",
         ),
         case(
             "static IP change to a taken one",
