@@ -262,6 +262,9 @@ pub struct Gateway {
     /// Bytes received from each session's peer at the last idle scan, and when they last grew,
     /// by public key.
     activity: Mutex<HashMap<String, (usize, DateTime<Utc>)>>,
+    /// When this gateway was created. A session restored from the store after a restart is
+    /// watched from here, since the peers it had before have not had time to shake hands.
+    watching_since: DateTime<Utc>,
 }
 
 /// Returns the name of an instance's tunnel device.
@@ -301,6 +304,21 @@ pub fn client_routes(network: &Network) -> Vec<Ipv4Net> {
     routes
 }
 
+/// Returns whether a login session is idle at `now`: its peer sent nothing since
+/// `last_active`, its last handshake (`None` before the first) is as old, and the gateway
+/// has watched it since `watched_from` for at least `idle`.
+fn is_idle(
+    now: DateTime<Utc>,
+    last_active: DateTime<Utc>,
+    handshake: Option<Duration>,
+    watched_from: DateTime<Utc>,
+    idle: Duration,
+) -> bool {
+    let since = |time: DateTime<Utc>| (now - time).to_std().unwrap_or(Duration::ZERO);
+    let quiet = since(last_active).min(handshake.unwrap_or(Duration::MAX));
+    quiet >= idle && since(watched_from) >= idle
+}
+
 impl Gateway {
     /// Creates the gateway; no tunnel is up until [`Gateway::start`].
     ///
@@ -317,6 +335,7 @@ impl Gateway {
             kernel,
             netlink: Netlink::connect()?,
             settings,
+            watching_since: clock.now(),
             clock,
             tunnels: tokio::sync::Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
@@ -861,20 +880,18 @@ impl Gateway {
         {
             let mut activity =
                 self.activity.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let since = |time: DateTime<Utc>| (now - time).to_std().unwrap_or(Duration::ZERO);
             for (instance_id, session, (handshake, rx_bytes)) in &observed {
+                let watched_from = session.started_at.max(self.watching_since);
                 // The last time the peer sent anything: when its byte count last grew.
-                let last = activity
-                    .entry(session.public_key.clone())
-                    .or_insert((*rx_bytes, session.started_at));
+                let last =
+                    activity.entry(session.public_key.clone()).or_insert((*rx_bytes, watched_from));
                 if *rx_bytes != last.0 {
                     *last = (*rx_bytes, now);
                 }
                 if session.persistent {
                     continue;
                 }
-                let quiet = since(last.1).min(handshake.unwrap_or(Duration::MAX));
-                if quiet >= idle && since(session.started_at) >= idle {
+                if is_idle(now, last.1, *handshake, watched_from, idle) {
                     idle_sessions.push((instance_id.clone(), session.username.clone()));
                 }
             }
@@ -958,6 +975,26 @@ mod tests {
 
     fn at(seconds: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    #[test]
+    fn restored_session_is_watched_from_restart() {
+        let idle = Duration::from_secs(300);
+        // Logged in at 0 with no handshake since; the agent restarted at 1,000.
+        let (started, restarted) = (at(0), at(1_000));
+        let watched_from = started.max(restarted);
+        assert!(!is_idle(at(1_000), watched_from, None, watched_from, idle));
+        assert!(!is_idle(at(1_299), watched_from, None, watched_from, idle));
+        assert!(is_idle(at(1_300), watched_from, None, watched_from, idle));
+        // A handshake 10 s ago keeps it, whatever the bytes say.
+        let handshake = Some(Duration::from_secs(10));
+        assert!(!is_idle(at(1_300), watched_from, handshake, watched_from, idle));
+        // Without a restart, a session that has been quiet for the idle time ends.
+        assert!(is_idle(at(300), started, None, started, idle));
+        assert!(!is_idle(at(299), started, None, started, idle));
+        // Bytes received at 200 keep it until 500.
+        assert!(!is_idle(at(499), at(200), None, started, idle));
+        assert!(is_idle(at(500), at(200), None, started, idle));
     }
 
     #[test]
