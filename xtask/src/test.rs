@@ -35,7 +35,7 @@ pub fn run(options: &Options) -> Result<()> {
     ]))?;
 
     let mut cargo_test = Command::new("cargo");
-    cargo_test.args(["test", "--workspace"]).args(&options.cargo_test_args);
+    cargo_test.args(["test", "--workspace", "--no-fail-fast"]).args(&options.cargo_test_args);
     let totals = run_counting(&mut cargo_test)?;
     // One closing line for the whole run: cargo prints one per test binary, the last often
     // for a crate without doc tests.
