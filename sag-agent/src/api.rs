@@ -94,8 +94,15 @@ impl AppState {
         username: &str,
         password: &str,
     ) -> EmailReport {
-        let email =
-            credentials_email(to, reason, instance_id, username, password, &self.login_server);
+        let email = credentials_email(
+            to,
+            reason,
+            instance_id,
+            username,
+            password,
+            &self.login_server,
+            &self.login_fingerprint,
+        );
         match self.mailer.send(&email).await {
             Ok(Delivery::Smtp) => EmailReport {
                 to: to.to_owned(),

@@ -624,9 +624,10 @@ fn write_new_file(path: &Path, content: &[u8]) -> io::Result<()> {
 
 /// Builds the email that gives a client the credentials of a new account or a reset password,
 /// with the steps to connect: with the sag client, or with an official WireGuard app and the
-/// configuration that `sag-agent client-config` prints.
+/// configuration file and QR code that `sag-agent client-config` writes.
 ///
-/// `server` is the gateway's public host name or address, as the client types it.
+/// `server` is the login API's public address (`HOST:PORT`), as the client types it, and
+/// `fingerprint` the SHA-256 fingerprint of its certificate, which the client pins.
 pub fn credentials_email(
     to: &str,
     reason: CredentialsReason,
@@ -634,6 +635,7 @@ pub fn credentials_email(
     username: &str,
     password: &str,
     server: &str,
+    fingerprint: &str,
 ) -> Email {
     let (subject, first_line) = match reason {
         CredentialsReason::Created => (
@@ -645,16 +647,17 @@ pub fn credentials_email(
             "The password of your sag account has been reset.",
         ),
     };
-    let connect_flags = format!("--server {server} --instance {instance_id} --username {username}");
-    // NOTE: `sag-agent connect` and `sag-agent client-config` are not in the CLI yet. These
-    // steps assume that both take these flags and prompt for the password. Keep them in step
-    // with the commands when they land.
+    let connect_flags = format!(
+        "--server {server} --fingerprint {fingerprint} \\\n       \
+         --instance {instance_id} --username {username}"
+    );
     let body = format!(
         "\
 {first_line}
 
 Instance ID: {instance_id}
 Server:      {server}
+Fingerprint: {fingerprint}
 Username:    {username}
 Password:    {password}
 
@@ -663,7 +666,7 @@ email.
 
 To connect with the sag client:
 1. Install the sag client, sag-agent.
-2. Run this command and enter the password when it asks:
+2. Run this command as root and enter the password when it asks:
 
    sag-agent connect {connect_flags}
 
@@ -674,10 +677,12 @@ iOS) instead:
 2. On a computer with sag-agent, run this command and enter the password
    when it asks:
 
-   sag-agent client-config {connect_flags}
+   sag-agent client-config {connect_flags} \\
+       --out {username}.conf --qr
 
-3. Import the configuration it prints into the WireGuard app, or scan the
-   QR code it shows with the app on your phone.
+3. Import {username}.conf into the WireGuard app, or scan the QR code in
+   {username}.png with the app on your phone. Both files hold the tunnel's
+   private key: keep them secret.
 "
     );
     Email { to: to.to_owned(), subject, body }
@@ -692,10 +697,19 @@ mod tests {
     const INSTANCE_ID: &str = "sag-0123456789abcdef";
     const USERNAME: &str = "alice01";
     const PASSWORD: &str = "Kx7_m2@Qp.v9-LrT";
-    const SERVER: &str = "gw.example.com";
+    const SERVER: &str = "gw.example.com:8443";
+    const FINGERPRINT: &str = "sha256:00112233";
 
     fn created_email() -> Email {
-        credentials_email(TO, CredentialsReason::Created, INSTANCE_ID, USERNAME, PASSWORD, SERVER)
+        credentials_email(
+            TO,
+            CredentialsReason::Created,
+            INSTANCE_ID,
+            USERNAME,
+            PASSWORD,
+            SERVER,
+            FINGERPRINT,
+        )
     }
 
     fn outbox_mailer(outbox_dir: &Path) -> Mailer {
@@ -773,6 +787,7 @@ mod tests {
             USERNAME,
             PASSWORD,
             SERVER,
+            FINGERPRINT,
         );
         assert_eq!(
             email.subject,
@@ -789,13 +804,18 @@ mod tests {
         let lines: Vec<String> = created_email().body.lines().map(str::to_owned).collect();
         let expected = [
             "Instance ID: sag-0123456789abcdef",
-            "Server:      gw.example.com",
+            "Server:      gw.example.com:8443",
+            "Fingerprint: sha256:00112233",
             "Username:    alice01",
             "Password:    Kx7_m2@Qp.v9-LrT",
-            "   sag-agent connect --server gw.example.com --instance sag-0123456789abcdef \
-             --username alice01",
-            "   sag-agent client-config --server gw.example.com --instance \
-             sag-0123456789abcdef --username alice01",
+            "   sag-agent connect --server gw.example.com:8443 --fingerprint sha256:00112233 \\",
+            "   sag-agent client-config --server gw.example.com:8443 --fingerprint \
+             sha256:00112233 \\",
+            "       --instance sag-0123456789abcdef --username alice01",
+            "       --instance sag-0123456789abcdef --username alice01 \\",
+            "       --out alice01.conf --qr",
+            "3. Import alice01.conf into the WireGuard app, or scan the QR code in",
+            "   alice01.png with the app on your phone. Both files hold the tunnel's",
         ];
         for line in expected {
             assert!(lines.iter().any(|l| l == line), "missing line {line:?} in {lines:#?}");
@@ -873,6 +893,7 @@ mod tests {
             "bob0001",
             "Other.pass-42",
             SERVER,
+            FINGERPRINT,
         );
 
         let first = mailer.send(&created_email()).await.unwrap();

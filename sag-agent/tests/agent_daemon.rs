@@ -304,6 +304,23 @@ fn credentials_email_lands_in_outbox() {
         {
             assert!(text.contains(needle), "{needle} missing from the email");
         }
+        // The connect steps carry the login address and the certificate's fingerprint, as
+        // `instance show` prints them.
+        let detail: sag_agent::api::InstanceDetail = client
+            .call(Method::GET, &format!("/instances/{}", instance.id), None::<&()>)
+            .await
+            .unwrap();
+        assert!(detail.login_fingerprint.starts_with("sha256:"), "{}", detail.login_fingerprint);
+        // The file has CRLF line ends, and quoted-printable breaks lines over 76 characters
+        // with "=" at the end.
+        let text = text.replace("\r\n", "\n").replace("=\n", "");
+        let fingerprint_line = format!("Fingerprint: {}\n", detail.login_fingerprint);
+        assert!(text.contains(&fingerprint_line), "{fingerprint_line:?} missing from {text}");
+        let connect_line = format!(
+            "   sag-agent connect --server {} --fingerprint {} \\\n",
+            detail.login_server, detail.login_fingerprint
+        );
+        assert!(text.contains(&connect_line), "{connect_line:?} missing from {text}");
 
         // A reset sends the new password the same way.
         let reset: PasswordReply = client

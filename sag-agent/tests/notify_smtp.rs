@@ -29,7 +29,8 @@ const TO: &str = "alice@example.com";
 const INSTANCE_ID: &str = "sag-0123456789abcdef";
 const USERNAME: &str = "alice01";
 const PASSWORD: &str = "Kx7_m2@Qp.v9-LrT";
-const SERVER: &str = "gw.example.com";
+const SERVER: &str = "gw.example.com:8443";
+const FINGERPRINT: &str = "sha256:00112233";
 const SMTP_LOGIN: &str = "sag-mailer";
 const SMTP_PASSWORD: &str = "Relay.pass-0451";
 const REJECTED_RECIPIENT: &str = "nobody@example.com";
@@ -213,7 +214,15 @@ fn mailer(port: u16, login: Option<(&str, PathBuf)>) -> Mailer {
 }
 
 fn created_email(to: &str) -> Email {
-    credentials_email(to, CredentialsReason::Created, INSTANCE_ID, USERNAME, PASSWORD, SERVER)
+    credentials_email(
+        to,
+        CredentialsReason::Created,
+        INSTANCE_ID,
+        USERNAME,
+        PASSWORD,
+        SERVER,
+        FINGERPRINT,
+    )
 }
 
 /// Sends `email` with the runtime's own time limit on top of the mailer's per-step limits.
