@@ -994,6 +994,12 @@ pub(crate) async fn delete_instance_rows(
     transaction: &mut Transaction<'static, Any>,
     id: &str,
 ) -> Result<(), AdminError> {
+    // Replicas on other instances stay, as accounts of their own: their instances are still
+    // paid for, and without a source their password can be reset where they are.
+    sqlx::query("UPDATE accounts SET replica_of = NULL WHERE replica_of = $1")
+        .bind(id)
+        .execute(&mut **transaction)
+        .await?;
     for table in ["accounts", "cidr_blocks", "allowed_destinations", "usage"] {
         sqlx::query(&format!("DELETE FROM {table} WHERE instance_id = $1"))
             .bind(id)

@@ -6,10 +6,11 @@
 //! sets the same hash on every replica in the same transaction, and a password reset on a
 //! replica is refused. Disabling or enabling the source does the same to every replica.
 //! Deleting the source deletes its replicas, and is refused if any of them has usage this
-//! month.
-//! A replica keeps its own bandwidth, has no static address (the source's would lie in the
-//! source's blocks) and can be disabled on its own. Usage is counted where it is used: each
-//! instance counts its own accounts' traffic.
+//! month. Deleting or releasing the source's instance turns its replicas into ordinary
+//! accounts of their instances.
+//! A replica keeps its own bandwidth and has no static address (the source's would lie in
+//! the source's blocks). It can be disabled on its own, until the source is next disabled or
+//! enabled. Usage is counted where it is used: each instance counts its own accounts' traffic.
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;

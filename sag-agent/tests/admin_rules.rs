@@ -10,6 +10,7 @@ use sag_agent::{
         AccountChange, Admin, AdminError, NetworkChange, NetworkChoice, NewAccount, NewInstance,
     },
     clock::ManualClock,
+    roaming,
     store::Store,
     testing::netns::unique_name,
 };
@@ -659,4 +660,22 @@ async fn more_accepted_edges() {
     assert!(!moved.enabled);
     assert_eq!(moved.bandwidth_kbps, 300);
     assert_eq!(moved.static_ip, Some(Ipv4Addr::new(10, 2, 0, 2)));
+}
+
+#[tokio::test]
+async fn deleting_source_instance_keeps_replicas() {
+    let fixture = fixture().await;
+    let admin = &fixture.admin;
+    roaming::roam(admin, &fixture.instance, "mover001", &fixture.other).await.unwrap();
+    let replica = roaming::info(admin, &fixture.other, "mover001").await.unwrap();
+    assert_eq!(replica.replica_of.as_deref(), Some(fixture.instance.as_str()));
+    let refused = admin.reset_password(&fixture.other, "mover001", None).await;
+    assert!(refused.is_err(), "a replica's password is reset at its source");
+
+    admin.delete_instance(&fixture.instance).await.unwrap();
+    let kept = admin.account(&fixture.other, "mover001").await.unwrap();
+    assert_eq!(kept.username, "mover001");
+    let replica = roaming::info(admin, &fixture.other, "mover001").await.unwrap();
+    assert_eq!(replica.replica_of, None);
+    assert!(admin.reset_password(&fixture.other, "mover001", None).await.is_ok());
 }
