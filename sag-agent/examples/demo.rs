@@ -31,6 +31,13 @@ const FAST_KBPS: u32 = 2_000;
 const SLOW_KBPS: u32 = 256;
 /// How long iperf3 runs, in seconds.
 const TRAFFIC_SECONDS: u32 = 12;
+/// A network outside the instance's allowed destinations, which bob's edited configuration
+/// routes into the tunnel. The gateway drops what he sends there as `not_allowed`.
+const NOT_ALLOWED_NETWORK: &str = "198.19.0.0/24";
+/// An address in [`NOT_ALLOWED_NETWORK`].
+const NOT_ALLOWED_ADDRESS: &str = "198.19.0.1";
+/// Echo requests bob sends to [`NOT_ALLOWED_ADDRESS`].
+const NOT_ALLOWED_PINGS: u32 = 4;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -155,6 +162,18 @@ fn run(lab: &Lab, keep: bool) -> Result<(WireguardGo, String)> {
         bail!("client-config failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     print!("{}", String::from_utf8_lossy(&output.stdout));
+    // bob widens his AllowedIPs by hand, to show that the gateway, not the client's
+    // configuration, decides what a client may reach.
+    let exported = std::fs::read_to_string(&config)?;
+    let widened = exported.replace(
+        "AllowedIPs = 198.18.0.0/24\n",
+        &format!("AllowedIPs = 198.18.0.0/24, {NOT_ALLOWED_NETWORK}\n"),
+    );
+    if widened == exported {
+        bail!("the exported configuration has no line AllowedIPs = 198.18.0.0/24:\n{exported}");
+    }
+    std::fs::write(&config, widened)?;
+    println!("(bob adds {NOT_ALLOWED_NETWORK}, which the instance does not allow, to AllowedIPs)");
     let wireguard = WireguardGo::start(&lab.users[1], &config)?;
     ping(&lab.users[1], 3)?;
     println!("Connected to intranet: bob's wireguard-go reaches {COMPANY_SERVER}");
@@ -168,14 +187,41 @@ fn run(lab: &Lab, keep: bool) -> Result<(WireguardGo, String)> {
     std::thread::sleep(Duration::from_secs(2));
     println!("live, as `sag-agent traffic` prints it (bob is held at {SLOW_KBPS} kbit/s):");
     admin(lab, &["traffic", &instance, "--count", "6"])?;
-    for client in clients {
+    for (client, (user, kbps)) in
+        clients.into_iter().zip([("alice", FAST_KBPS), ("bob", SLOW_KBPS)])
+    {
         let output = client.wait_with_output()?;
         let report: serde_json::Value =
             serde_json::from_slice(&output.stdout).context("iperf3 printed no JSON report")?;
-        let goodput = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
-        println!("iperf3 goodput: {:.0} kbit/s", goodput / 1_000.0);
+        let goodput = report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 printed no received rate")?
+            / 1_000.0;
+        println!("{user}: iperf3 goodput {goodput:.0} kbit/s, limit {kbps} kbit/s");
+        if goodput > f64::from(kbps) * 1.05 {
+            bail!("{user}'s goodput of {goodput:.0} kbit/s is over the limit of {kbps} kbit/s");
+        }
     }
     drop(servers);
+
+    heading(&format!("bob pings {NOT_ALLOWED_ADDRESS}, outside the allowed destinations"));
+    let replies = lab.users[1].exec(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        &NOT_ALLOWED_PINGS.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        NOT_ALLOWED_ADDRESS,
+    ]);
+    let replies = replies.is_ok();
+    println!(
+        "ping: {}",
+        if replies { "replies came back" } else { "no reply: the gateway dropped them" }
+    );
 
     heading("Drop counters by reason, from the pinned kernel maps");
     let pinned = PinnedCounters::open(&lab.pin_dir)?;
@@ -183,7 +229,9 @@ fn run(lab: &Lab, keep: bool) -> Result<(WireguardGo, String)> {
         "{:<12} {:>10} {:>10} {:>12} {:>10}",
         "CLIENT", "DIRECTION", "RATE LIMIT", "NOT ALLOWED", "BLOCKED"
     );
+    let mut not_allowed = 0;
     for (address, counters) in pinned.clients()? {
+        not_allowed += counters.rx_dropped.not_allowed.packets;
         for (direction, drops) in [("rx", counters.rx_dropped), ("tx", counters.tx_dropped)] {
             println!(
                 "{:<12} {:>10} {:>10} {:>12} {:>10}",
@@ -202,6 +250,9 @@ fn run(lab: &Lab, keep: bool) -> Result<(WireguardGo, String)> {
         .map(|counter| counter.counter.packets)
         .sum();
     println!("spoofed packets on the tunnels: {spoofed}");
+    if not_allowed != u64::from(NOT_ALLOWED_PINGS) {
+        bail!("{not_allowed} packets were dropped as not allowed, expected {NOT_ALLOWED_PINGS}");
+    }
 
     heading("History: the agent records every minute");
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
