@@ -1,7 +1,8 @@
 //! The admin API: HTTP/1.1 with JSON bodies on a Unix socket that only root can open.
 //!
 //! Errors come back as `{"kind": ..., "error": ...}` with status 400 (invalid), 404 (not
-//! found), 409 (conflict or refused) or 500.
+//! found), 409 (conflict or refused) or 500. A request body that is not valid JSON of the
+//! expected shape gets kind `invalid` with the status axum gives it (400, 415 or 422).
 
 use std::{
     net::Ipv4Addr,
@@ -10,7 +11,7 @@ use std::{
 };
 
 use axum::{
-    extract::{Path as UrlPath, State},
+    extract::{rejection::JsonRejection, FromRequest, Path as UrlPath, Request, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -139,6 +140,30 @@ pub struct ErrorReply {
 }
 
 struct ApiError(AdminError);
+
+/// A JSON request body. Unlike [`Json`], a body it cannot read is rejected with an
+/// [`ErrorReply`], as every other error is.
+struct JsonBody<T>(T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => {
+                let error = format!("invalid request body: {}", rejection.body_text());
+                warn!(kind = "invalid", error, "admin request rejected");
+                let reply = ErrorReply { kind: "invalid".to_owned(), error };
+                Err((rejection.status(), Json(reply)).into_response())
+            }
+        }
+    }
+}
 
 impl From<AdminError> for ApiError {
     fn from(error: AdminError) -> Self {
@@ -344,7 +369,7 @@ async fn list_instances(State(state): State<AppState>) -> ApiResult<Vec<crate::a
 
 async fn create_instance(
     State(state): State<AppState>,
-    Json(body): Json<CreateInstanceBody>,
+    JsonBody(body): JsonBody<CreateInstanceBody>,
 ) -> ApiResult<crate::admin::Instance> {
     let admin = &state.admin;
     let new = NewInstance {
@@ -358,7 +383,7 @@ async fn create_instance(
 
 async fn claim_trial(
     State(state): State<AppState>,
-    Json(body): Json<TrialBody>,
+    JsonBody(body): JsonBody<TrialBody>,
 ) -> ApiResult<crate::admin::Instance> {
     let admin = &state.admin;
     Ok(Json(admin.claim_trial(&body.owner, &body.area).await?))
@@ -400,7 +425,7 @@ async fn show_network(
 async fn set_network(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(body): Json<NetworkBody>,
+    JsonBody(body): JsonBody<NetworkBody>,
 ) -> ApiResult<crate::admin::Network> {
     let admin = &state.admin;
     let change = NetworkChange {
@@ -432,7 +457,7 @@ async fn list_accounts(
 async fn create_account(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(body): Json<CreateAccountBody>,
+    JsonBody(body): JsonBody<CreateAccountBody>,
 ) -> ApiResult<AccountCreatedReply> {
     let new = NewAccount {
         username: body.username,
@@ -484,7 +509,7 @@ pub struct RoamBody {
 async fn roam_account(
     State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
-    Json(body): Json<RoamBody>,
+    JsonBody(body): JsonBody<RoamBody>,
 ) -> ApiResult<crate::admin::Account> {
     let replica = crate::roaming::roam(&state.admin, &id, &username, &body.to).await?;
     Ok(Json(replica))
@@ -511,7 +536,7 @@ async fn follow_account(
 async fn update_account(
     State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
-    Json(body): Json<UpdateAccountBody>,
+    JsonBody(body): JsonBody<UpdateAccountBody>,
 ) -> ApiResult<crate::admin::Account> {
     let admin = &state.admin;
     let previous = admin.account(&id, &username).await?.static_ip;
@@ -551,7 +576,7 @@ async fn delete_account(
 async fn reset_password(
     State(state): State<AppState>,
     UrlPath((id, username)): UrlPath<(String, String)>,
-    Json(body): Json<PasswordBody>,
+    JsonBody(body): JsonBody<PasswordBody>,
 ) -> ApiResult<PasswordReply> {
     let password = state.admin.reset_password(&id, &username, body.password.as_deref()).await?;
     let account = state.admin.account(&id, &username).await?;
@@ -662,7 +687,7 @@ impl AppState {
 async fn renew_instance(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(body): Json<crate::lifecycle::RenewRequest>,
+    JsonBody(body): JsonBody<crate::lifecycle::RenewRequest>,
 ) -> ApiResult<crate::lifecycle::OrderReply> {
     let order = state.lifecycle.renew(&id, &body).await?;
     state.run_lifecycle_now().await;
@@ -672,7 +697,7 @@ async fn renew_instance(
 async fn upgrade_instance(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(body): Json<crate::lifecycle::UpgradeRequest>,
+    JsonBody(body): JsonBody<crate::lifecycle::UpgradeRequest>,
 ) -> ApiResult<crate::lifecycle::OrderReply> {
     Ok(Json(state.lifecycle.upgrade(&id, &body).await?))
 }
@@ -680,7 +705,7 @@ async fn upgrade_instance(
 async fn set_auto_renew(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(body): Json<crate::lifecycle::AutoRenewRequest>,
+    JsonBody(body): JsonBody<crate::lifecycle::AutoRenewRequest>,
 ) -> ApiResult<crate::lifecycle::OrderReply> {
     let order = state.lifecycle.set_auto_renew(&id, body.enabled).await?;
     state.run_lifecycle_now().await;
@@ -690,7 +715,7 @@ async fn set_auto_renew(
 async fn set_expiry(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(body): Json<crate::lifecycle::ExpiryRequest>,
+    JsonBody(body): JsonBody<crate::lifecycle::ExpiryRequest>,
 ) -> ApiResult<crate::lifecycle::OrderReply> {
     Ok(Json(state.lifecycle.set_expiry(&id, body.expires_at).await?))
 }
@@ -732,7 +757,7 @@ async fn list_packages(
 
 async fn buy_package(
     State(state): State<AppState>,
-    Json(body): Json<crate::billing::BuyPackageRequest>,
+    JsonBody(body): JsonBody<crate::billing::BuyPackageRequest>,
 ) -> ApiResult<crate::billing::Package> {
     Ok(Json(state.billing.buy_package(&body.owner, body.size_gb).await?))
 }
@@ -747,7 +772,7 @@ async fn list_statements(
 
 async fn record_payment(
     State(state): State<AppState>,
-    Json(body): Json<crate::billing::PaymentRequest>,
+    JsonBody(body): JsonBody<crate::billing::PaymentRequest>,
 ) -> ApiResult<crate::billing::PaymentReceipt> {
     let receipt = state.billing.pay(&body).await?;
     state.run_lifecycle_now().await;
@@ -764,7 +789,7 @@ async fn show_contact(
 
 async fn set_contact(
     State(state): State<AppState>,
-    Json(body): Json<crate::billing::ContactRequest>,
+    JsonBody(body): JsonBody<crate::billing::ContactRequest>,
 ) -> ApiResult<crate::billing::Contact> {
     Ok(Json(state.billing.set_contact(&body.owner, &body.email).await?))
 }

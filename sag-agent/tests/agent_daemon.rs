@@ -472,3 +472,27 @@ fn restart_removes_stale_kernel_clients() {
     assert!(pinned().client_record(static_address(1)).unwrap().is_none(), "stale client removed");
     assert!(pinned().client_record(static_address(0)).unwrap().is_some(), "stored client kept");
 }
+
+#[test]
+fn malformed_body_gets_error_reply() {
+    let daemon = Daemon::start();
+    let client = ApiClient::new(&daemon.socket());
+    runtime().block_on(async {
+        let body = serde_json::json!({ "owner": 5, "area": "eu-central-1" });
+        let error = client
+            .call::<serde_json::Value>(Method::POST, "/instances", Some(&body))
+            .await
+            .unwrap_err();
+        let sag_agent::api_client::ClientError::Rejected { status, reply } = &error else {
+            panic!("expected an error reply, got {error:?}");
+        };
+        assert_eq!(*status, 422);
+        assert_eq!(reply.kind, "invalid");
+        assert!(reply.error.starts_with("invalid request body: "), "{}", reply.error);
+        assert!(reply.error.contains("owner"), "the message names the field: {}", reply.error);
+        assert_eq!(error.exit_code(), 3);
+        let instances: Vec<Instance> =
+            client.call(Method::GET, "/instances", None::<&()>).await.unwrap();
+        assert!(instances.is_empty(), "nothing was created: {instances:?}");
+    });
+}
