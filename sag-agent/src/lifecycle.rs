@@ -233,13 +233,23 @@ pub struct Lifecycle {
     enforcement: Option<Enforcement>,
     /// Held by each run, so that two runs never decide the same step at once.
     running: tokio::sync::Mutex<()>,
+    /// Instances whose state is saved but did not reach the kernel, retried at each run.
+    kernel_pending: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Lifecycle {
     /// Creates the engine over `admin`'s store. Without [`Lifecycle::with_enforcement`] it
     /// changes states in the store only.
     pub fn new(admin: Admin, billing: Billing, mailer: Arc<Mailer>, clock: Arc<dyn Clock>) -> Self {
-        Self { admin, billing, mailer, clock, enforcement: None, running: Default::default() }
+        Self {
+            admin,
+            billing,
+            mailer,
+            clock,
+            enforcement: None,
+            running: Default::default(),
+            kernel_pending: Default::default(),
+        }
     }
 
     /// Makes the kernel and the tunnels follow each state change.
@@ -632,6 +642,10 @@ impl Lifecycle {
         let instance = admin::fetch_instance(&mut *transaction, id).await?;
         let desired = desired_state(&instance, overdue.contains(&instance.owner), now);
         if instance.state == desired {
+            drop(transaction);
+            if self.pending_kernel().contains(id) {
+                self.apply_kernel_state(&instance).await?;
+            }
             return Ok(());
         }
         sqlx::query("UPDATE instances SET state = $1 WHERE id = $2")
@@ -648,16 +662,41 @@ impl Lifecycle {
             to: desired.to_owned(),
         });
         let changed = Instance { state: desired.to_owned(), ..instance };
-        if let Some(enforcement) = &self.enforcement {
-            let network = self.admin.network(id).await?;
-            enforcement.kernel.apply_instance(&changed, &network).map_err(|error| {
-                AdminError::Internal(format!(
-                    "the state {desired} is saved but the kernel did not apply it: {:#}",
-                    anyhow::Error::from(error)
-                ))
-            })?;
+        self.apply_kernel_state(&changed).await
+    }
+
+    fn pending_kernel(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.kernel_pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes an instance's saved state to the kernel. On failure the instance is kept for the
+    /// next run to retry, since the store already has the state and would not change again.
+    async fn apply_kernel_state(&self, instance: &Instance) -> Result<(), AdminError> {
+        let Some(enforcement) = &self.enforcement else {
+            return Ok(());
+        };
+        let applied = match self.admin.network(&instance.id).await {
+            Ok(network) => enforcement
+                .kernel
+                .apply_instance(instance, &network)
+                .map_err(|error| format!("{:#}", anyhow::Error::from(error))),
+            Err(error) => Err(error.to_string()),
+        };
+        let mut pending = self.pending_kernel();
+        match applied {
+            Ok(()) => {
+                pending.remove(&instance.id);
+                Ok(())
+            }
+            Err(error) => {
+                pending.insert(instance.id.clone());
+                Err(AdminError::Internal(format!(
+                    "the state {} is saved but the kernel did not apply it, and the next \
+                     lifecycle run retries: {error}",
+                    instance.state
+                )))
+            }
         }
-        Ok(())
     }
 
     /// Deletes an instance whose release time has come, with its configuration and accounts,
