@@ -348,3 +348,71 @@ fn rebinding_a_tunnel_moves_it() {
     assert_eq!(run(&dataplane, Program::RxL3, &packet(CLIENT, SERVER, 1)), XDP_DROP);
     assert_eq!(run(&dataplane, Program::RxL3, &packet(foreign, OUTSIDE, 1)), XDP_PASS);
 }
+
+/// Pins the calling thread to `cpu` and returns the CPU it then runs on.
+fn pin_to_cpu(cpu: usize) -> usize {
+    // SAFETY: the set is a plain bit mask, zeroed and then filled by the libc macros.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let result = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            result,
+            0,
+            "sched_setaffinity to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+        usize::try_from(libc::sched_getcpu()).expect("sched_getcpu failed")
+    }
+}
+
+/// One client's packets arrive on two CPUs at once. Both CPUs update the bucket, one timestamp,
+/// by compare-and-swap. Together they pass what a single CPU would: the burst, plus what the
+/// rate refills while they run. Every other packet is counted as a `rate_limit` drop.
+#[test]
+fn rate_limit_holds_across_cpus() {
+    const RUNS_PER_CPU: u32 = 200_000;
+    const ROUNDS: u8 = 10;
+    // 64 kbit/s is 8,000 bytes a second; a 30,000-byte bucket has room for 20 full packets.
+    const RATE_BYTES_PER_SECOND: f64 = 8_000.0;
+    const BURST_PACKETS: u64 = 20;
+    const PACKET_BYTES: u64 = 1_500;
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(cpus >= 2, "this test needs two CPUs, the machine has {cpus}");
+
+    let mut dataplane = enforcing_dataplane();
+    let limit = RateLimit::new(64, BURST_PACKETS * PACKET_BYTES);
+    for round in 0..ROUNDS {
+        // A new client each round starts with a full bucket.
+        let client = Ipv4Addr::new(10, 77, 0, 100 + round);
+        let settings =
+            ClientSettings { instance: INSTANCE, rx: limit, ..ClientSettings::default() };
+        dataplane.add_client(client, &settings).unwrap();
+        let frame = packet(client, SERVER, 1_472);
+        let barrier = std::sync::Barrier::new(2);
+        let started = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for cpu in 0..2 {
+                let (dataplane, frame, barrier) = (&dataplane, &frame, &barrier);
+                scope.spawn(move || {
+                    assert_eq!(pin_to_cpu(cpu), cpu);
+                    barrier.wait();
+                    dataplane.test_run_repeated(Program::RxL3, frame, RUNS_PER_CPU).unwrap();
+                });
+            }
+        });
+        let elapsed = started.elapsed().as_secs_f64();
+        let counted = counters(&dataplane, client);
+        let total = 2 * u64::from(RUNS_PER_CPU);
+        assert_eq!(counted.rx_packets + counted.rx_dropped.rate_limit.packets, total);
+        assert_eq!(counted.rx_bytes, counted.rx_packets * PACKET_BYTES);
+        // The coarse clock may lag the wall clock by a tick, never lead it.
+        let refill = (RATE_BYTES_PER_SECOND * elapsed / PACKET_BYTES as f64).floor() as u64;
+        assert!(
+            (BURST_PACKETS..=BURST_PACKETS + refill + 1).contains(&counted.rx_packets),
+            "round {round}: {} packets passed in {elapsed:.3} s, expected {BURST_PACKETS} to {}",
+            counted.rx_packets,
+            BURST_PACKETS + refill + 1
+        );
+    }
+}
