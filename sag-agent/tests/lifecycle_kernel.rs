@@ -8,13 +8,57 @@
 //! The hidden admin command `instance set-expiry` puts it 15 days and a minute in the past.
 //! Then `instance lifecycle-run` runs the engine at once, instead of within its next minute.
 //!
-//! The test needs root, and ping and nsenter.
+//! A third test locks an instance for an overdue statement and unlocks it by payment.
+//!
+//! The tests need root, and ping and nsenter.
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
-use chrono::Utc;
+use chrono::{Datelike as _, Utc};
 use sag_agent::testing::lab::{connected_address, ping, settle, Lab};
 use serde_json::Value;
+
+/// Returns the state of `instance` as `instance show` prints it.
+fn instance_state(lab: &Lab, instance: &str) -> String {
+    let details: Value =
+        serde_json::from_str(&lab.admin(&["instance", "show", instance, "--json"]).unwrap())
+            .unwrap();
+    details["instance"]["state"].as_str().unwrap().to_owned()
+}
+
+/// Pings the company server 5 times from user 0, and asserts that the kernel dropped every
+/// echo request of `address` as `blocked` and let nothing through either way.
+fn assert_pings_blocked(lab: &Lab, address: Ipv4Addr) {
+    let before = lab.counters(address).unwrap().unwrap();
+    assert_eq!(ping(&lab.users[0], 5, 100).unwrap(), 0);
+    settle();
+    let after = lab.counters(address).unwrap().unwrap();
+    assert_eq!(after.rx_dropped.blocked.packets - before.rx_dropped.blocked.packets, 5);
+    assert_eq!(after.rx_dropped.blocked.bytes - before.rx_dropped.blocked.bytes, 5 * 128);
+    assert_eq!(after.rx_packets, before.rx_packets, "nothing passed");
+    assert_eq!(after.tx_packets, before.tx_packets, "nothing came back");
+}
+
+/// Pings the company server 3 times from user 0, and asserts that all 3 passed and none was
+/// dropped as `blocked`.
+fn assert_pings_pass(lab: &Lab, address: Ipv4Addr) {
+    let before = lab.counters(address).unwrap().unwrap();
+    assert_eq!(ping(&lab.users[0], 3, 100).unwrap(), 3);
+    settle();
+    let after = lab.counters(address).unwrap().unwrap();
+    assert_eq!(after.rx_packets - before.rx_packets, 3);
+    assert_eq!(after.rx_dropped.blocked.packets, before.rx_dropped.blocked.packets);
+}
+
+/// Runs `sag-agent connect` for `username` on user 0, and asserts that the login is refused
+/// because `instance` is in `state`.
+fn assert_login_refused(lab: &Lab, fingerprint: &str, instance: &str, username: &str, state: &str) {
+    let password = lab.password_file(username);
+    let output = lab.try_connect(0, fingerprint, instance, username, &password).unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("instance {instance} is {state}")), "{stderr}");
+}
 
 #[test]
 fn stopped_instance_blocked_until_renewed() {
@@ -39,27 +83,12 @@ fn stopped_instance_blocked_until_renewed() {
     let stopped = stopped.unwrap_or_else(|| panic!("no transition of {instance}: {report:#}"));
     assert_eq!(stopped["from"], "running");
     assert_eq!(stopped["to"], "stopped");
-    let details: Value =
-        serde_json::from_str(&lab.admin(&["instance", "show", &instance, "--json"]).unwrap())
-            .unwrap();
-    assert_eq!(details["instance"]["state"], "stopped");
+    assert_eq!(instance_state(&lab, &instance), "stopped");
 
-    // Every packet of the client is dropped in the kernel as blocked, from the first one.
-    let before = lab.counters(address).unwrap().unwrap();
-    assert_eq!(ping(&lab.users[0], 5, 100).unwrap(), 0);
-    settle();
-    let after = lab.counters(address).unwrap().unwrap();
-    assert_eq!(after.rx_dropped.blocked.packets - before.rx_dropped.blocked.packets, 5);
-    assert_eq!(after.rx_dropped.blocked.bytes - before.rx_dropped.blocked.bytes, 5 * 128);
-    assert_eq!(after.rx_packets, before.rx_packets, "nothing passed");
-    assert_eq!(after.tx_packets, before.tx_packets, "nothing came back");
-
-    // A new login is refused, with the state in the message.
-    let password = lab.password_file("kim-lifecycle");
-    let output = lab.try_connect(0, &fingerprint, &instance, "kim-lifecycle", &password).unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("instance {instance} is stopped")), "{stderr}");
+    // Every packet of the client is dropped in the kernel as blocked, from the first one, and
+    // a new login is refused, with the state in the message.
+    assert_pings_blocked(&lab, address);
+    assert_login_refused(&lab, &fingerprint, &instance, "kim-lifecycle", "stopped");
 
     // A renewal by a month brings the expiry 15 days ahead, and the traffic back at once.
     let order: Value = serde_json::from_str(
@@ -69,12 +98,7 @@ fn stopped_instance_blocked_until_renewed() {
     assert_eq!(order["instance"]["state"], "running", "{order:#}");
     assert_eq!(order["charge"]["kind"], "renewal");
     assert_eq!(order["charge"]["amount_cents"], 3_480);
-    let before = lab.counters(address).unwrap().unwrap();
-    assert_eq!(ping(&lab.users[0], 3, 100).unwrap(), 3);
-    settle();
-    let after = lab.counters(address).unwrap().unwrap();
-    assert_eq!(after.rx_packets - before.rx_packets, 3);
-    assert_eq!(after.rx_dropped.blocked.packets, before.rx_dropped.blocked.packets);
+    assert_pings_pass(&lab, address);
 
     // Released 30 days after the expiry: the client is gone from the kernel, and a login is
     // refused with the release, not as an unknown instance.
@@ -83,6 +107,7 @@ fn stopped_instance_blocked_until_renewed() {
     lab.admin(&["instance", "set-expiry", &instance, "--expires-at", &released]).unwrap();
     lab.admin(&["instance", "lifecycle-run", "--json"]).unwrap();
     assert_eq!(lab.counters(address).unwrap(), None);
+    let password = lab.password_file("kim-lifecycle");
     let output = lab.try_connect(0, &fingerprint, &instance, "kim-lifecycle", &password).unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -94,6 +119,79 @@ fn stopped_instance_blocked_until_renewed() {
         )),
         "{stderr}"
     );
+}
+
+/// Writes an unpaid statement of `amount_cents` for `owner` and last month, due yesterday,
+/// into the lab agent's store beside the running agent, and returns its month. The agent
+/// issues statements only once a month is over, so the test writes one that is already late.
+fn insert_overdue_statement(lab: &Lab, owner: &str, amount_cents: i64) -> String {
+    use sqlx::Connection as _;
+    let now = Utc::now();
+    let this_month = now.date_naive().with_day(1).unwrap();
+    let month = (this_month - chrono::Days::new(1)).format("%Y-%m").to_string();
+    let due_date = (now.date_naive() - chrono::Days::new(1)).format("%Y-%m-%d").to_string();
+    let issued_at = (now - chrono::Duration::days(15)).timestamp();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(lab.dir.join("state").join("sag.db"))
+        .busy_timeout(std::time::Duration::from_secs(10));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    runtime.block_on(async {
+        let mut connection = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query(
+            "INSERT INTO statements (owner, month, amount_cents, issued_at, due_date) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(owner)
+        .bind(&month)
+        .bind(amount_cents)
+        .bind(issued_at)
+        .bind(&due_date)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+        connection.close().await.unwrap();
+    });
+    month
+}
+
+/// An owner with an overdue statement has its instance locked: the kernel drops its clients'
+/// packets as `blocked` and logins are refused, until the payment unlocks it.
+#[test]
+fn locked_instance_blocked_until_paid() {
+    let lab =
+        Lab::start(Path::new(env!("CARGO_BIN_EXE_sag-agent")), 1).expect("lab starts (as root)");
+    let (instance, fingerprint) = lab.create_instance().unwrap();
+    lab.create_account(&instance, "lou-overdue", 2_000, None).unwrap();
+    let address =
+        connected_address(&lab.connect(0, &fingerprint, &instance, "lou-overdue").unwrap())
+            .unwrap();
+    assert_eq!(ping(&lab.users[0], 3, 100).unwrap(), 3);
+
+    let month = insert_overdue_statement(&lab, "lab", 3_480);
+    let report: Value =
+        serde_json::from_str(&lab.admin(&["instance", "lifecycle-run", "--json"]).unwrap())
+            .unwrap();
+    // The agent's own run each minute may have locked it just before this one.
+    let transitions = report["transitions"].as_array().unwrap();
+    if let Some(locked) = transitions.iter().find(|t| t["instance_id"] == instance.as_str()) {
+        assert_eq!(locked["from"], "running");
+        assert_eq!(locked["to"], "locked");
+    }
+    assert_eq!(instance_state(&lab, &instance), "locked", "{report:#}");
+    assert_pings_blocked(&lab, address);
+    assert_login_refused(&lab, &fingerprint, &instance, "lou-overdue", "locked");
+
+    // Paying the statement in full unlocks the instance at once.
+    let receipt: Value = serde_json::from_str(
+        &lab.admin(&[
+            "billing", "pay", "--owner", "lab", "--month", &month, "--amount", "34.80", "--json",
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(receipt["statement"]["balance_cents"], 0, "{receipt:#}");
+    assert_eq!(instance_state(&lab, &instance), "running");
+    assert_pings_pass(&lab, address);
 }
 
 /// Runs an admin command that must fail, and returns its error output.
