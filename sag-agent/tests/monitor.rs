@@ -153,6 +153,41 @@ fn grouped(value: u64) -> String {
     text
 }
 
+/// An account's rx and tx bytes in the store, summed over its rows in `usage` (by month) and in
+/// `usage_days` (by day).
+struct StoredUsage {
+    monthly: (u64, u64),
+    daily: (u64, u64),
+}
+
+/// Reads an account's usage from the lab agent's store, through a read-only connection beside
+/// the running agent.
+fn stored_usage(lab: &Lab, instance: &str, username: &str) -> StoredUsage {
+    use sqlx::{Connection as _, Row as _};
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(lab.dir.join("state").join("sag.db"))
+        .read_only(true);
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(async {
+        let mut connection = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+        let mut sums = Vec::new();
+        for table in ["usage", "usage_days"] {
+            let row = sqlx::query(&format!(
+                "SELECT COALESCE(SUM(rx_bytes), 0) AS rx, COALESCE(SUM(tx_bytes), 0) AS tx \
+                 FROM {table} WHERE instance_id = $1 AND username = $2"
+            ))
+            .bind(instance)
+            .bind(username)
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+            let (rx, tx): (i64, i64) = (row.get("rx"), row.get("tx"));
+            sums.push((u64::try_from(rx).unwrap(), u64::try_from(tx).unwrap()));
+        }
+        StoredUsage { monthly: sums[0], daily: sums[1] }
+    })
+}
+
 #[test]
 fn monitor_matches_kernel_counters() {
     let lab = Lab::start(binary(), 1).expect("lab starts (as root)");
@@ -251,6 +286,12 @@ fn monitor_matches_kernel_counters() {
     assert_eq!(last_hour["bucket_minutes"], 5);
     assert_eq!(last_hour["buckets"].as_array().unwrap().len(), 12);
     assert_eq!(Traffic::of_json(&last_hour["total"]), after, "all of the session's traffic");
+
+    // Billing reads the same readings: the account's monthly and daily usage rows hold the
+    // whole session's bytes, written in the transaction of each minute.
+    let usage = stored_usage(&lab, &instance, username);
+    assert_eq!(usage.monthly, (after.rx_bytes, after.tx_bytes), "usage by month");
+    assert_eq!(usage.daily, (after.rx_bytes, after.tx_bytes), "usage by day");
 
     // The table, in bytes: the eight figures and the total of rxBytes.
     let table_args: Vec<&str> = account_args.iter().copied().chain(["--unit", "b"]).collect();
