@@ -319,36 +319,53 @@ fn tcp_goodput(rate: u32, port: u16, direction: TcpDirection) -> f64 {
     goodput
 }
 
-/// Asserts that `goodput` is 85 % to 105 % of the limit `rate`, both in kbit/s.
-fn assert_goodput(name: &str, goodput: f64, rate: u32) {
-    let ratio = goodput / f64::from(rate);
-    eprintln!("TCP {name} at {rate} kbit/s: goodput {goodput:.1} kbit/s (ratio {ratio:.3})");
-    assert!(
-        (0.85..=1.05).contains(&ratio),
-        "{name}: goodput {goodput:.1} kbit/s at {rate} (ratio {ratio:.3})"
-    );
+/// Lowest and highest TCP goodput accepted, as fractions of the limit.
+const GOODPUT_RANGE: std::ops::RangeInclusive<f64> = 0.85..=1.05;
+
+/// Measures TCP goodput through a `rate` kbit/s limit and asserts that it is 85 % to 105 % of
+/// the rate.
+///
+/// Going over the limit fails at once. Coming in under it is measured once more, in a new
+/// topology: other jobs on a shared 2-CPU machine can starve a flow and lower its goodput, but
+/// nothing raises it past the limit, so only the upper bound is a verdict on the first try.
+/// Both measurements are printed.
+fn check_goodput(name: &str, rate: u32, port: u16, direction: TcpDirection) {
+    let mut ratio = 0.0;
+    for attempt in 1..=2 {
+        let goodput = tcp_goodput(rate, port, direction);
+        ratio = goodput / f64::from(rate);
+        eprintln!(
+            "TCP {name} at {rate} kbit/s, attempt {attempt}: goodput {goodput:.1} kbit/s \
+             (ratio {ratio:.3})"
+        );
+        assert!(ratio <= *GOODPUT_RANGE.end(), "{name}: goodput {goodput:.1} kbit/s at {rate}");
+        if GOODPUT_RANGE.contains(&ratio) {
+            return;
+        }
+    }
+    panic!("{name}: goodput ratio {ratio:.3} at {rate} kbit/s, twice under {GOODPUT_RANGE:?}");
 }
 
 #[test]
 fn tcp_goodput_512_kbps() {
-    assert_goodput("upload", tcp_goodput(512, 5211, TcpDirection::Upload), 512);
+    check_goodput("upload", 512, 5211, TcpDirection::Upload);
 }
 
 #[test]
 fn tcp_goodput_2000_kbps() {
-    assert_goodput("upload", tcp_goodput(2_000, 5212, TcpDirection::Upload), 2_000);
+    check_goodput("upload", 2_000, 5212, TcpDirection::Upload);
 }
 
 /// Downloads reach TC egress as segmentation-offload packets of several segments each, which
 /// the bucket must charge and pass as the segments they become.
 #[test]
 fn tcp_download_goodput_512_kbps() {
-    assert_goodput("download", tcp_goodput(512, 5213, TcpDirection::Download), 512);
+    check_goodput("download", 512, 5213, TcpDirection::Download);
 }
 
 #[test]
 fn tcp_download_goodput_2000_kbps() {
-    assert_goodput("download", tcp_goodput(2_000, 5214, TcpDirection::Download), 2_000);
+    check_goodput("download", 2_000, 5214, TcpDirection::Download);
 }
 
 /// Sends UDP from the server to one client at twice its tx limit for 6 s, reading what the
