@@ -383,3 +383,77 @@ fn monitor_rejects_invalid_ranges() {
     assert_eq!(code, Some(1), "a valid request reaches for the agent: {stderr}");
     assert!(stderr.contains("cannot reach the agent"), "{stderr}");
 }
+
+/// The recorder keeps [`HISTORY_DAYS`] of minutes: at each recording it deletes the minutes
+/// that start more than that before the minute it stores, and keeps the rest.
+#[test]
+fn history_keeps_sixteen_days() {
+    use sag_agent::{
+        admin::{Admin, NewInstance},
+        clock::ManualClock,
+        history::{Recorder, HISTORY_DAYS},
+        kernel::KernelSync,
+        store::Store,
+        testing::netns::unique_name,
+    };
+    use sqlx::Row as _;
+
+    /// Directories removed when dropped: the store's and the pinned maps'.
+    struct Dirs([std::path::PathBuf; 2]);
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    assert_eq!(HISTORY_DAYS, 16);
+    let dirs = Dirs([
+        std::env::temp_dir().join(unique_name("sag-history-test-")),
+        Path::new("/sys/fs/bpf").join(unique_name("sag-history-test-")),
+    ]);
+    std::fs::create_dir_all(&dirs.0[0]).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&dirs.0[0].join("sag.db")).await.unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339("2026-06-20T12:00:30Z").unwrap().to_utc();
+        let clock = std::sync::Arc::new(ManualClock::new(now));
+        let admin = Admin::new(store.clone(), clock.clone(), 2_000);
+        let new = NewInstance {
+            owner: "retention".to_owned(),
+            area: "eu-central-1".to_owned(),
+            account_quota: 5,
+            months: 1,
+        };
+        let instance = admin.create_instance(&new).await.unwrap().id;
+        // The recording at 12:00:30 stores the minute 11:59, so the cutoff is 16 days before
+        // 11:59: that minute is kept, the one before it deleted.
+        let stored = now.timestamp() - 30 - 60;
+        let cutoff = stored - 16 * 24 * 60 * 60;
+        for minute in [cutoff - 60, cutoff, cutoff + 60, stored - 60] {
+            sqlx::query(
+                "INSERT INTO traffic_minutes (instance_id, username, minute, rx_bytes, tx_bytes, \
+                 rx_packets, tx_packets, rx_dropped_packets, tx_dropped_packets) \
+                 VALUES ($1, 'ret-user1', $2, 1, 1, 1, 1, 0, 0)",
+            )
+            .bind(&instance)
+            .bind(minute)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+        let kernel = std::sync::Arc::new(KernelSync::load(&dirs.0[1]).unwrap());
+        let mut recorder = Recorder::new(admin, kernel, clock);
+        assert_eq!(recorder.record().await.unwrap(), 0, "the first recording is the baseline");
+        recorder.record().await.unwrap();
+        let minutes: Vec<i64> = sqlx::query("SELECT minute FROM traffic_minutes ORDER BY minute")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get("minute"))
+            .collect();
+        assert_eq!(minutes, [cutoff, cutoff + 60, stored - 60]);
+    });
+}
