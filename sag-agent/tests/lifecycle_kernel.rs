@@ -192,6 +192,12 @@ fn locked_instance_blocked_until_paid() {
     assert_eq!(receipt["statement"]["balance_cents"], 0, "{receipt:#}");
     assert_eq!(instance_state(&lab, &instance), "running");
     assert_pings_pass(&lab, address);
+
+    // The agent logged the account's creation, its logins and the refusal, but no password.
+    let password = std::fs::read_to_string(lab.password_file("lou-overdue")).unwrap();
+    let log = lab.agent_log();
+    assert!(log.contains("lou-overdue"), "the agent logs the account by name:\n{log}");
+    assert!(!log.contains(password.trim()), "the agent log holds the password");
 }
 
 /// Runs an admin command that must fail, and returns its error output.
