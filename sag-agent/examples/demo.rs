@@ -185,7 +185,10 @@ fn run(lab: &Lab, keep: bool) -> Result<(WireguardGo, String)> {
     ];
     let clients = [iperf3_client(&lab.users[0], 5301)?, iperf3_client(&lab.users[1], 5302)?];
     std::thread::sleep(Duration::from_secs(2));
-    println!("live, as `sag-agent traffic` prints it (bob is held at {SLOW_KBPS} kbit/s):");
+    println!(
+        "live, as `sag-agent traffic` prints it (bob is held at {SLOW_KBPS} kbit/s on average; \
+         a one-second sample can go over it by the 500 ms burst):"
+    );
     admin(lab, &["traffic", &instance, "--count", "6"])?;
     for (client, (user, kbps)) in
         clients.into_iter().zip([("alice", FAST_KBPS), ("bob", SLOW_KBPS)])

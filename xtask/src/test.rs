@@ -46,7 +46,10 @@ pub fn run(options: &Options) -> Result<()> {
     if totals.failed > 0 || !totals.success {
         bail!("cargo test failed");
     }
-    check_package()
+    check_package()?;
+    // Repeated as the last line, after the package build's output.
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    Ok(())
 }
 
 /// Files the Debian package must install.
