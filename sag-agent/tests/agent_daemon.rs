@@ -15,7 +15,7 @@ use std::{
 use hyper::Method;
 use sag_agent::{
     admin::{Account, CreatedAccount, Instance},
-    api::{CreateAccountBody, CreateInstanceBody, NetworkBody},
+    api::{CreateAccountBody, CreateInstanceBody, NetworkBody, UpdateAccountBody},
     api_client::ApiClient,
     testing::netns::{unique_name, Netns},
 };
@@ -176,6 +176,19 @@ fn thousand_accounts_through_api() {
     });
 }
 
+/// Bandwidth that the stream's update gives an account.
+const UPDATED_KBPS: u32 = 777;
+
+/// Returns the update the stream makes to each even-numbered account after creating it:
+/// disabled, at [`UPDATED_KBPS`], and without its static address, all in one request.
+fn update_body() -> UpdateAccountBody {
+    UpdateAccountBody {
+        enabled: Some(false),
+        bandwidth_kbps: Some(UPDATED_KBPS),
+        static_ip: Some(String::new()),
+    }
+}
+
 #[test]
 fn crash_during_account_stream_keeps_committed_changes() {
     let mut daemon = Daemon::start();
@@ -184,12 +197,15 @@ fn crash_during_account_stream_keeps_committed_changes() {
     let instance = runtime.block_on(create_instance(&client, 1_000));
     let path = format!("/instances/{}/accounts", instance.id);
 
-    // A stream of account creations; the agent is killed in the middle of it.
+    // A stream of account creations, each even-numbered one followed by an update that
+    // disables it, changes its bandwidth and frees its static address. The agent is killed
+    // in the middle of it.
     let confirmed = Arc::new(Mutex::new(Vec::new()));
+    let updated = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let stream = {
-        let (client, path, confirmed, stop) =
-            (client.clone(), path.clone(), confirmed.clone(), stop.clone());
+        let (client, path, confirmed, updated, stop) =
+            (client.clone(), path.clone(), confirmed.clone(), updated.clone(), stop.clone());
         std::thread::spawn(move || {
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -202,6 +218,17 @@ fn crash_during_account_stream_keeps_committed_changes() {
                 ));
                 if result.is_ok() {
                     confirmed.lock().unwrap().push(n);
+                    if n % 2 == 0 {
+                        let account = format!("{path}/user{n:05}");
+                        let result = runtime.block_on(client.call::<Account>(
+                            Method::PATCH,
+                            &account,
+                            Some(&update_body()),
+                        ));
+                        if result.is_ok() {
+                            updated.lock().unwrap().push(n);
+                        }
+                    }
                 }
                 n += 1;
             }
@@ -218,6 +245,7 @@ fn crash_during_account_stream_keeps_committed_changes() {
     stop.store(true, Ordering::Relaxed);
     let attempted = stream.join().unwrap();
     let confirmed = confirmed.lock().unwrap().clone();
+    let updated = updated.lock().unwrap().clone();
 
     daemon.spawn();
     runtime.block_on(async {
@@ -235,16 +263,32 @@ fn crash_during_account_stream_keeps_committed_changes() {
             stored.len(),
             confirmed.len()
         );
+        // Each account is as created or as wholly updated, never in between. A confirmed
+        // update is kept. At most the one in flight was committed without a reply.
+        let mut updated_stored = 0;
         for account in &accounts {
             let n: u32 = account.username[4..].parse().unwrap();
             assert!(n < attempted);
-            assert_eq!(account.static_ip, Some(static_address(n)), "account {n} is whole");
-            assert_eq!(account.bandwidth_kbps, 1 + n % 2_000, "account {n} is whole");
+            let state = (account.enabled, account.bandwidth_kbps, account.static_ip);
+            let created = (true, 1 + n % 2_000, Some(static_address(n)));
+            let changed = (false, UPDATED_KBPS, None);
+            if updated.contains(&n) {
+                assert_eq!(state, changed, "confirmed update of account {n}");
+            } else {
+                assert!(state == created || state == changed, "account {n} is whole: {state:?}");
+            }
+            if state == changed {
+                updated_stored += 1;
+            }
         }
+        assert!(updated_stored <= updated.len() + 1, "{updated_stored} updated, {updated:?}");
         eprintln!(
-            "{} accounts confirmed before the kill, {} stored after",
+            "{} accounts and {} updates confirmed before the kill; {} accounts and {} updates \
+             stored after",
             confirmed.len(),
-            stored.len()
+            updated.len(),
+            stored.len(),
+            updated_stored
         );
     });
     // Each stored account's password hash verifies, and no static address belongs to two.
@@ -268,8 +312,10 @@ fn check_store(path: &Path, runtime: &tokio::runtime::Runtime) {
                 sag_agent::credentials::verify_password(&password, &hash).unwrap(),
                 "{username}"
             );
-            let address: String = row.try_get("static_ip").unwrap();
-            assert!(addresses.insert(address), "static address of {username} used twice");
+            let address: Option<String> = row.try_get("static_ip").unwrap();
+            if let Some(address) = address {
+                assert!(addresses.insert(address), "static address of {username} used twice");
+            }
         }
         store.close().await;
     });
