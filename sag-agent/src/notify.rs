@@ -14,7 +14,7 @@ use lettre::{
     message::{header::ContentType, Mailbox},
     transport::smtp::{
         authentication::{Credentials, Mechanism},
-        client::{AsyncSmtpConnection, TlsParameters},
+        client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters},
         commands::{Data, Mail, Rcpt},
         extension::{ClientId, Extension, MailBodyParameter, MailParameter},
         Error as SmtpError,
@@ -59,8 +59,13 @@ pub struct SmtpConfig {
     /// TCP port: usually 25 or 587 with `none` and `starttls`, 465 with `tls`.
     pub port: u16,
     /// Encryption of the connection. The relay's certificate must chain to a CA certificate
-    /// in the system store (`/etc/ssl/certs` on Debian).
+    /// in the system store (`/etc/ssl/certs` on Debian), or in `ca_file` if that is set.
     pub tls: TlsMode,
+    /// PEM file with the CA certificates that the relay's certificate must chain to, in place
+    /// of the system store: for a relay with a private CA. It is read once, by
+    /// [`Mailer::new`].
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Login name for SMTP AUTH, set together with `password_file`.
     pub username: Option<String>,
     /// File that contains the SMTP password, so that the password stays out of the
@@ -164,6 +169,8 @@ pub enum NotifyError {
     InvalidAddress { field: &'static str, value: String, source: AddressError },
     #[error("failed to read the SMTP password file {}: {source}", path.display())]
     PasswordFile { path: PathBuf, source: io::Error },
+    #[error("failed to read the SMTP CA file {}: {source}", path.display())]
+    CaFile { path: PathBuf, source: io::Error },
     #[error("failed to build the email to {to}: {source}")]
     Build { to: String, source: lettre::error::Error },
     #[error("failed to write the email to the outbox {}: {source}", path.display())]
@@ -273,6 +280,8 @@ struct Relay {
     host: String,
     port: u16,
     tls: TlsMode,
+    /// The CA certificates of `ca_file`, in PEM, if set.
+    ca_pem: Option<Vec<u8>>,
     login: Option<Login>,
     timeout_seconds: u64,
     hello_name: ClientId,
@@ -322,10 +331,12 @@ impl Relay {
                 ));
             }
         };
+        let ca_pem = config.ca_file.as_deref().map(read_ca_file).transpose()?;
         Ok(Self {
             host: config.host.clone(),
             port: config.port,
             tls: config.tls,
+            ca_pem,
             login,
             timeout_seconds: config.timeout_seconds,
             hello_name: ClientId::default(),
@@ -341,12 +352,24 @@ impl Relay {
         }
     }
 
+    /// Returns the TLS settings: the relay's host name to check, and the system's CA store or
+    /// the certificates of `ca_file`.
+    fn tls_parameters(&self) -> Result<TlsParameters, SmtpError> {
+        let Some(pem) = &self.ca_pem else {
+            return TlsParameters::new_rustls(self.host.clone());
+        };
+        TlsParameters::builder(self.host.clone())
+            .certificate_store(CertificateStore::None)
+            .add_root_certificate(Certificate::from_pem(pem)?)
+            .build_rustls()
+    }
+
     /// Runs one SMTP session that delivers `message`, then ends it with QUIT.
     async fn deliver(&self, message: &Message) -> Result<(), NotifyError> {
         let tls_parameters = match self.tls {
             TlsMode::None => None,
             TlsMode::StartTls | TlsMode::Tls => Some(
-                TlsParameters::new_rustls(self.host.clone())
+                self.tls_parameters()
                     .map_err(|source| NotifyError::Tls { server: self.server(), source })?,
             ),
         };
@@ -358,10 +381,16 @@ impl Relay {
         let result = self.transact(&mut connection, starttls, message).await;
         // The outcome is settled before QUIT, so a failed or late QUIT changes nothing.
         let timeout = Duration::from_secs(self.timeout_seconds);
-        if result.is_ok() {
-            let _ = tokio::time::timeout(timeout, connection.quit()).await;
-        } else {
-            let _ = tokio::time::timeout(timeout, connection.abort()).await;
+        match &result {
+            Ok(()) => {
+                let _ = tokio::time::timeout(timeout, connection.quit()).await;
+            }
+            // A failed STARTTLS leaves lettre 0.11's connection without a stream, and any
+            // command on it then panics, so the connection is only dropped.
+            Err(NotifyError::Tls { .. }) => {}
+            Err(_) => {
+                let _ = tokio::time::timeout(timeout, connection.abort()).await;
+            }
         }
         result
     }
@@ -530,6 +559,26 @@ fn is_tls_failure(error: &SmtpError) -> bool {
 
 /// Reads the SMTP password from its file without one trailing newline, and warns if users
 /// other than the owner have access to the file.
+/// Reads `ca_file`, which must hold at least one PEM certificate.
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, NotifyError> {
+    let pem =
+        fs::read(path).map_err(|source| NotifyError::CaFile { path: path.to_owned(), source })?;
+    let text = String::from_utf8_lossy(&pem);
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid_config(
+            "smtp.ca_file",
+            format!("{} must hold PEM certificates, but it has none", path.display()),
+        ));
+    }
+    if let Err(error) = Certificate::from_pem(&pem) {
+        return Err(invalid_config(
+            "smtp.ca_file",
+            format!("{} must hold valid PEM certificates: {error}", path.display()),
+        ));
+    }
+    Ok(pem)
+}
+
 fn read_password_file(path: &Path) -> Result<String, NotifyError> {
     let read_error = |source| NotifyError::PasswordFile { path: path.to_owned(), source };
     let mut file = fs::File::open(path).map_err(read_error)?;
@@ -723,6 +772,7 @@ mod tests {
             host: "127.0.0.1".to_owned(),
             port: 2525,
             tls: TlsMode::None,
+            ca_file: None,
             username: None,
             password_file: None,
             timeout_seconds: 5,
@@ -966,6 +1016,7 @@ mod tests {
                 host: "smtp.example.com".to_owned(),
                 port: 587,
                 tls: TlsMode::StartTls,
+                ca_file: None,
                 username: Some("sag".to_owned()),
                 password_file: Some(PathBuf::from("/etc/sag/smtp-password")),
                 timeout_seconds: 30,
@@ -1063,6 +1114,31 @@ mod tests {
             error.to_string(),
             "failed to read the SMTP password file /nonexistent/smtp-password: No such file or \
              directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn ca_file_must_hold_certificates() {
+        let temp = tempfile::tempdir().unwrap();
+        let empty = temp.path().join("empty.pem");
+        fs::write(&empty, "not a certificate\n").unwrap();
+        let smtp = SmtpConfig { ca_file: Some(empty.clone()), ..smtp_config() };
+        let error = Relay::new(&smtp).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "invalid mail setting smtp.ca_file: {} must hold PEM certificates, but it has none",
+                empty.display()
+            )
+        );
+        let missing = temp.path().join("missing.pem");
+        let smtp = SmtpConfig { ca_file: Some(missing.clone()), ..smtp_config() };
+        let error = Relay::new(&smtp).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("failed to read the SMTP CA file {}: ", missing.display())),
+            "{error}"
         );
     }
 

@@ -37,11 +37,14 @@ const REJECTED_RECIPIENT: &str = "nobody@example.com";
 
 /// The SMTP server: binds 127.0.0.1 on a port the kernel picks, prints that port, and writes
 /// each accepted message to MAIL_DIR/N.json with its envelope, login, headers and decoded body.
+/// With `--cert` and `--key` it requires STARTTLS before anything else (and before a login),
+/// or with `--implicit-tls` speaks TLS from the first byte.
 const SERVER_SCRIPT: &str = r#"
 import argparse
 import asyncio
 import json
 import os
+import ssl
 
 from email import message_from_bytes, policy
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
@@ -89,14 +92,25 @@ async def serve(args):
     sink = Sink(args.mail_dir, set(args.reject))
     # A fixed host name keeps aiosmtpd from looking up this machine's FQDN.
     options = {"hostname": "sag-test-smtp"}
+    context = None
+    if args.cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.cert, args.key)
+    if context is not None and not args.implicit_tls:
+        options.update(tls_context=context, require_starttls=True)
     if args.login is not None:
         options.update(
             auth_required=True,
-            auth_require_tls=False,
+            # aiosmtpd counts only STARTTLS as TLS, so an implicit TLS server must not
+            # require it for AUTH.
+            auth_require_tls=context is not None and not args.implicit_tls,
             authenticator=authenticator(args.login.encode(), args.password.encode()),
         )
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SMTP(sink, **options), "127.0.0.1", 0)
+    server_ssl = context if args.implicit_tls else None
+    server = await loop.create_server(
+        lambda: SMTP(sink, **options), "127.0.0.1", 0, ssl=server_ssl
+    )
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
@@ -106,6 +120,9 @@ parser.add_argument("mail_dir")
 parser.add_argument("--reject", action="append", default=[])
 parser.add_argument("--login")
 parser.add_argument("--password")
+parser.add_argument("--cert")
+parser.add_argument("--key")
+parser.add_argument("--implicit-tls", action="store_true")
 asyncio.run(serve(parser.parse_args()))
 "#;
 
@@ -204,6 +221,7 @@ fn mailer(port: u16, login: Option<(&str, PathBuf)>) -> Mailer {
             host: "127.0.0.1".to_owned(),
             port,
             tls: TlsMode::None,
+            ca_file: None,
             username,
             password_file,
             timeout_seconds: WAIT.as_secs(),
@@ -337,6 +355,7 @@ async fn starttls_not_offered_is_tls_error() {
             host: "127.0.0.1".to_owned(),
             port: server.port,
             tls: TlsMode::StartTls,
+            ca_file: None,
             username: None,
             password_file: None,
             timeout_seconds: WAIT.as_secs(),
@@ -382,6 +401,7 @@ async fn implicit_tls_to_plain_server_is_tls_error() {
             host: "127.0.0.1".to_owned(),
             port: server.port,
             tls: TlsMode::Tls,
+            ca_file: None,
             username: None,
             password_file: None,
             timeout_seconds: WAIT.as_secs(),
@@ -396,4 +416,112 @@ async fn implicit_tls_to_plain_server_is_tls_error() {
     };
     assert_eq!(address, &server.address());
     assert!(server.messages().is_empty());
+}
+
+/// A test CA and a certificate it signed for 127.0.0.1, as PEM files in a directory.
+struct TestPki {
+    dir: TempDir,
+}
+
+impl TestPki {
+    /// Makes a CA named `name` and a server certificate for the IP address 127.0.0.1.
+    fn new(name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, name);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server_params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+        fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+        fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+}
+
+/// Returns a mailer for the relay on 127.0.0.1:`port` with `tls`, that trusts the CA in
+/// `ca_file` and logs in as [`SMTP_LOGIN`].
+fn tls_mailer(port: u16, tls: TlsMode, ca_file: String, password_file: PathBuf) -> Mailer {
+    let config = MailConfig {
+        from: FROM.to_owned(),
+        smtp: Some(SmtpConfig {
+            host: "127.0.0.1".to_owned(),
+            port,
+            tls,
+            ca_file: Some(PathBuf::from(ca_file)),
+            username: Some(SMTP_LOGIN.to_owned()),
+            password_file: Some(password_file),
+            timeout_seconds: WAIT.as_secs(),
+        }),
+        outbox_dir: PathBuf::from("/nonexistent/outbox"),
+    };
+    Mailer::new(&config).unwrap()
+}
+
+/// Starts a TLS relay with the certificate of `pki` that requires [`SMTP_LOGIN`], and sends
+/// the credentials email to it through a mailer that trusts the CA in `ca_file`.
+async fn send_over_tls(
+    pki: &TestPki,
+    ca_file: String,
+    tls: TlsMode,
+) -> (SmtpServer, Result<Delivery, NotifyError>) {
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let mut args =
+        vec!["--cert", &cert, "--key", &key, "--login", SMTP_LOGIN, "--password", SMTP_PASSWORD];
+    if tls == TlsMode::Tls {
+        args.push("--implicit-tls");
+    }
+    let server = SmtpServer::start(&args);
+    let password_file = write_password_file(server.temp.path(), SMTP_PASSWORD);
+    let mailer = tls_mailer(server.port, tls, ca_file, password_file);
+    let result = send(&mailer, &created_email(TO)).await;
+    (server, result)
+}
+
+#[tokio::test]
+async fn starttls_with_private_ca_delivers() {
+    let pki = TestPki::new("sag test CA");
+    let (server, result) = send_over_tls(&pki, pki.path("ca.pem"), TlsMode::StartTls).await;
+    let delivery = result.unwrap_or_else(|error| panic!("{error}; server: {}", server.stderr()));
+    assert_eq!(delivery, Delivery::Smtp);
+    let messages = server.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["login"], SMTP_LOGIN);
+    assert_eq!(messages[0]["rcpt_tos"], serde_json::json!([TO]));
+    assert!(messages[0]["body"].as_str().unwrap().contains(PASSWORD));
+}
+
+#[tokio::test]
+async fn implicit_tls_with_private_ca_delivers() {
+    let pki = TestPki::new("sag test CA");
+    let (server, result) = send_over_tls(&pki, pki.path("ca.pem"), TlsMode::Tls).await;
+    let delivery = result.unwrap_or_else(|error| panic!("{error}; server: {}", server.stderr()));
+    assert_eq!(delivery, Delivery::Smtp);
+    let messages = server.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["login"], SMTP_LOGIN);
+}
+
+#[tokio::test]
+async fn certificate_of_another_ca_is_tls_error() {
+    let pki = TestPki::new("sag test CA");
+    let other = TestPki::new("another CA");
+    let (server, result) = send_over_tls(&pki, other.path("ca.pem"), TlsMode::StartTls).await;
+    let error = result.unwrap_err();
+    assert!(matches!(error, NotifyError::Tls { .. }), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("TLS with SMTP server {} failed: ", server.address())),
+        "{error}"
+    );
+    assert!(server.messages().is_empty(), "nothing was delivered");
 }
