@@ -1214,6 +1214,23 @@ async fn replace_blocks(
     Ok(())
 }
 
+/// Returns the account of `instance_id` whose row in `table` has `address` in `column`.
+async fn address_user(
+    transaction: &mut Transaction<'static, Any>,
+    table: &str,
+    column: &str,
+    instance_id: &str,
+    address: Ipv4Addr,
+) -> Result<Option<String>, AdminError> {
+    let query = format!("SELECT username FROM {table} WHERE instance_id = $1 AND {column} = $2");
+    let row = sqlx::query(&query)
+        .bind(instance_id)
+        .bind(address.to_string())
+        .fetch_optional(&mut **transaction)
+        .await?;
+    Ok(row.map(|row| row.try_get::<String, _>("username")).transpose()?)
+}
+
 /// Checks a static address for an account of `instance_id`. `owner_username` is the account
 /// that gets it, so its own current address does not count as taken.
 async fn check_static_ip(
@@ -1230,26 +1247,12 @@ async fn check_static_ip(
         .iter()
         .filter_map(|row| row.try_get::<String, _>("block").ok()?.parse().ok())
         .collect();
-    let holder =
-        sqlx::query("SELECT username FROM accounts WHERE instance_id = $1 AND static_ip = $2")
-            .bind(instance_id)
-            .bind(address.to_string())
-            .fetch_optional(&mut **transaction)
-            .await?
-            .map(|row| row.try_get::<String, _>("username"))
-            .transpose()?;
+    let holder = address_user(transaction, "accounts", "static_ip", instance_id, address).await?;
     let taken = holder.is_some_and(|holder| Some(holder.as_str()) != owner_username);
     validation::static_ip(address, &instance_blocks, |_| taken)?;
-    // A dynamic address that another account's session holds is taken too: the kernel keys
-    // clients by address, so two accounts on one address would share counters and limits.
-    let session =
-        sqlx::query("SELECT username FROM sessions WHERE instance_id = $1 AND address = $2")
-            .bind(instance_id)
-            .bind(address.to_string())
-            .fetch_optional(&mut **transaction)
-            .await?
-            .map(|row| row.try_get::<String, _>("username"))
-            .transpose()?;
+    // A dynamic address in another account's session is taken too, because the kernel keys
+    // clients by address: two accounts on one address would share counters and limits.
+    let session = address_user(transaction, "sessions", "address", instance_id, address).await?;
     if let Some(user) = session.filter(|user| Some(user.as_str()) != owner_username) {
         return Err(ValidationError {
             field: "static_ip",

@@ -62,8 +62,7 @@ pub struct SmtpConfig {
     /// in the system store (`/etc/ssl/certs` on Debian), or in `ca_file` if that is set.
     pub tls: TlsMode,
     /// PEM file with the CA certificates that the relay's certificate must chain to, in place
-    /// of the system store: for a relay with a private CA. It is read once, by
-    /// [`Mailer::new`].
+    /// of the system store, for a relay with a private CA. [`Mailer::new`] reads it once.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Login name for SMTP AUTH, set together with `password_file`.
@@ -280,8 +279,8 @@ struct Relay {
     host: String,
     port: u16,
     tls: TlsMode,
-    /// The CA certificates of `ca_file`, in PEM, if set.
-    ca_pem: Option<Vec<u8>>,
+    /// The CA certificates of `ca_file`, if set.
+    ca: Option<Certificate>,
     login: Option<Login>,
     timeout_seconds: u64,
     hello_name: ClientId,
@@ -331,12 +330,12 @@ impl Relay {
                 ));
             }
         };
-        let ca_pem = config.ca_file.as_deref().map(read_ca_file).transpose()?;
+        let ca = config.ca_file.as_deref().map(read_ca_file).transpose()?;
         Ok(Self {
             host: config.host.clone(),
             port: config.port,
             tls: config.tls,
-            ca_pem,
+            ca,
             login,
             timeout_seconds: config.timeout_seconds,
             hello_name: ClientId::default(),
@@ -355,12 +354,12 @@ impl Relay {
     /// Returns the TLS settings: the relay's host name to check, and the system's CA store or
     /// the certificates of `ca_file`.
     fn tls_parameters(&self) -> Result<TlsParameters, SmtpError> {
-        let Some(pem) = &self.ca_pem else {
+        let Some(ca) = &self.ca else {
             return TlsParameters::new_rustls(self.host.clone());
         };
         TlsParameters::builder(self.host.clone())
             .certificate_store(CertificateStore::None)
-            .add_root_certificate(Certificate::from_pem(pem)?)
+            .add_root_certificate(ca.clone())
             .build_rustls()
     }
 
@@ -557,28 +556,27 @@ fn is_tls_failure(error: &SmtpError) -> bool {
             .any(|io_error| io_error.kind() == io::ErrorKind::InvalidData)
 }
 
-/// Reads the SMTP password from its file without one trailing newline, and warns if users
-/// other than the owner have access to the file.
-/// Reads `ca_file`, which must hold at least one PEM certificate.
-fn read_ca_file(path: &Path) -> Result<Vec<u8>, NotifyError> {
+/// Reads the CA certificates of `ca_file`, which must contain at least one PEM certificate.
+fn read_ca_file(path: &Path) -> Result<Certificate, NotifyError> {
     let pem =
         fs::read(path).map_err(|source| NotifyError::CaFile { path: path.to_owned(), source })?;
     let text = String::from_utf8_lossy(&pem);
     if !text.contains("-----BEGIN CERTIFICATE-----") {
         return Err(invalid_config(
             "smtp.ca_file",
-            format!("{} must hold PEM certificates, but it has none", path.display()),
+            format!("{} must contain PEM certificates, but it has none", path.display()),
         ));
     }
-    if let Err(error) = Certificate::from_pem(&pem) {
-        return Err(invalid_config(
+    Certificate::from_pem(&pem).map_err(|error| {
+        invalid_config(
             "smtp.ca_file",
-            format!("{} must hold valid PEM certificates: {error}", path.display()),
-        ));
-    }
-    Ok(pem)
+            format!("{} must contain valid PEM certificates: {error}", path.display()),
+        )
+    })
 }
 
+/// Reads the SMTP password from its file without one trailing newline, and warns if users
+/// other than the owner have access to the file.
 fn read_password_file(path: &Path) -> Result<String, NotifyError> {
     let read_error = |source| NotifyError::PasswordFile { path: path.to_owned(), source };
     let mut file = fs::File::open(path).map_err(read_error)?;
@@ -1127,7 +1125,8 @@ mod tests {
         assert_eq!(
             error.to_string(),
             format!(
-                "invalid mail setting smtp.ca_file: {} must hold PEM certificates, but it has none",
+                "invalid mail setting smtp.ca_file: {} must contain PEM certificates, but it has \
+                 none",
                 empty.display()
             )
         );
