@@ -408,7 +408,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// Takes an instance's tunnel down and drops it from the gateway, before the instance is deleted.
+    /// Takes an instance's tunnel down and drops it from the gateway, before the instance is
+    /// deleted.
     ///
     /// # Errors
     /// Fails if the programs cannot be detached.
@@ -986,7 +987,7 @@ mod tests {
         assert!(!is_idle(at(1_000), watched_from, None, watched_from, idle));
         assert!(!is_idle(at(1_299), watched_from, None, watched_from, idle));
         assert!(is_idle(at(1_300), watched_from, None, watched_from, idle));
-        // A handshake 10 s ago keeps it, whatever the bytes say.
+        // A handshake 10 s ago keeps it, even without new bytes.
         let handshake = Some(Duration::from_secs(10));
         assert!(!is_idle(at(1_300), watched_from, handshake, watched_from, idle));
         // Without a restart, a session that has been quiet for the idle time ends.

@@ -50,9 +50,15 @@ fn assert_pings_pass(lab: &Lab, address: Ipv4Addr) {
     assert_eq!(after.rx_dropped.blocked.packets, before.rx_dropped.blocked.packets);
 }
 
-/// Runs `sag-agent connect` for `username` on user 0, and asserts that the login is refused
+/// Runs `sag-agent connect` for `username` on user 0, and asserts that the login is rejected
 /// because `instance` is in `state`.
-fn assert_login_refused(lab: &Lab, fingerprint: &str, instance: &str, username: &str, state: &str) {
+fn assert_login_rejected(
+    lab: &Lab,
+    fingerprint: &str,
+    instance: &str,
+    username: &str,
+    state: &str,
+) {
     let password = lab.password_file(username);
     let output = lab.try_connect(0, fingerprint, instance, username, &password).unwrap();
     assert!(!output.status.success());
@@ -88,7 +94,7 @@ fn stopped_instance_blocked_until_renewed() {
     // Every packet of the client is dropped in the kernel as blocked, from the first one, and
     // a new login is refused, with the state in the message.
     assert_pings_blocked(&lab, address);
-    assert_login_refused(&lab, &fingerprint, &instance, "kim-lifecycle", "stopped");
+    assert_login_rejected(&lab, &fingerprint, &instance, "kim-lifecycle", "stopped");
 
     // A renewal by a month brings the expiry 15 days ahead, and the traffic back at once.
     let order: Value = serde_json::from_str(
@@ -179,7 +185,7 @@ fn locked_instance_blocked_until_paid() {
     }
     assert_eq!(instance_state(&lab, &instance), "locked", "{report:#}");
     assert_pings_blocked(&lab, address);
-    assert_login_refused(&lab, &fingerprint, &instance, "lou-overdue", "locked");
+    assert_login_rejected(&lab, &fingerprint, &instance, "lou-overdue", "locked");
 
     // Paying the statement in full unlocks the instance at once.
     let receipt: Value = serde_json::from_str(

@@ -370,11 +370,11 @@ fn pin_to_cpu(cpu: usize) -> usize {
 /// by compare-and-swap. Together they pass what a single CPU would: the burst, plus what the
 /// rate refills while they run. Every other packet is counted as a `rate_limit` drop.
 ///
-/// The bucket holds 100,000 full packets and refills about 83 a second, and each CPU offers
+/// The bucket has room for 100,000 full packets and refills about 83 a second, and each CPU offers
 /// 2,000,000. Both CPUs take from the bucket for the first milliseconds of the round, until it
 /// is empty, so an update lost between them would pass more than the bucket held.
 #[test]
-fn rate_limit_holds_across_cpus() {
+fn rate_limit_across_two_cpus() {
     const RUNS_PER_CPU: u32 = 2_000_000;
     const ROUNDS: u8 = 5;
     const PACKET_BYTES: u64 = 1_500;
@@ -412,14 +412,14 @@ fn rate_limit_holds_across_cpus() {
         assert_eq!(counted.rx_bytes, counted.rx_packets * PACKET_BYTES);
         // The coarse clock may lag the wall clock by a tick, never lead it.
         let refill = (RATE_BYTES_PER_SECOND * elapsed / PACKET_BYTES as f64).floor() as u64;
-        let most = BURST_PACKETS + refill + 1;
+        let max_passed = BURST_PACKETS + refill + 1;
         eprintln!(
             "round {round}: {} of {total} packets passed in {elapsed:.3} s",
             counted.rx_packets
         );
         assert!(
-            (BURST_PACKETS..=most).contains(&counted.rx_packets),
-            "round {round}: {} packets passed in {elapsed:.3} s, expected {BURST_PACKETS} to {most}",
+            (BURST_PACKETS..=max_passed).contains(&counted.rx_packets),
+            "round {round}: {} packets passed in {elapsed:.3} s, expected {BURST_PACKETS} to {max_passed}",
             counted.rx_packets
         );
     }

@@ -235,7 +235,7 @@ pub fn transport_header_len<P: PacketBytes + ?Sized>(packet: &P, header: &Ipv4Su
 /// `gso_size` of 0 means an ordinary packet, which is one packet of `total_len` bytes.
 ///
 /// NOTE: IPv4 BIG TCP packets (over 64 KiB, total length field 0) are parsed as malformed and
-/// counted per interface; counting them per client would need the length from the socket
+/// counted per interface. Counting them per client would need the length from the socket
 /// buffer instead of the header.
 #[inline(always)]
 pub const fn wire_size(

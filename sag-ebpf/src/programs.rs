@@ -112,7 +112,7 @@ fn skb_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Returns the wire size of an IPv4 packet at XDP, which sees each packet on its own.
+/// Returns the wire size of an IPv4 packet at XDP, where no packet carries several segments.
 #[inline(always)]
 fn xdp_size(parsed: &Parsed) -> PacketCounter {
     match parsed {

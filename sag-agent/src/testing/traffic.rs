@@ -175,7 +175,7 @@ impl Drop for Iperf3Server {
     }
 }
 
-/// Which end of an iperf3 TCP test sends the data.
+/// Direction of the data in an iperf3 TCP test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcpDirection {
     /// The client sends to the server.
